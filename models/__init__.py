@@ -1,0 +1,53 @@
+"""models: score networks and the wrapper that turns a network into score_fn(x, t).
+
+    model = models.build_model(config)
+    score_fn = models.get_score_fn(sde, model, continuous=True)
+"""
+from __future__ import annotations
+
+import math
+
+from .embeddings import GaussianFourierProjection, sinusoidal_embedding
+from .mlp import MLPScoreNet
+from .score import VP_TIME_SCALE, get_score_fn
+
+__all__ = ["MODELS", "build_model", "build_score_fn", "data_shape", "get_score_fn",
+           "MLPScoreNet", "GaussianFourierProjection", "sinusoidal_embedding", "VP_TIME_SCALE"]
+
+
+def data_shape(config) -> tuple[int, ...]:
+    """Shape of one sample: (dim,) for flat data (config.data.dim), else
+    (num_channels, image_size, image_size)."""
+    data = config.data
+    if "dim" in data and data.dim:
+        return (int(data.dim),)
+    return (int(data.num_channels), int(data.image_size), int(data.image_size))
+
+
+def _mlp_kwargs(config) -> dict:
+    m = config.model
+    return dict(data_shape=data_shape(config), hidden_dim=m.hidden_dim, num_blocks=m.num_blocks,
+                embedding_type=m.embedding_type, embedding_dim=m.embedding_dim,
+                fourier_scale=m.fourier_scale, num_classes=m.get("num_classes") or None)
+
+
+#: config.model.name -> (network class, function config -> its keyword arguments).
+MODELS = {
+    "mlp": (MLPScoreNet, _mlp_kwargs),
+}
+
+
+def build_model(config):
+    """Build the network named by ``config.model.name`` from explicit keyword arguments."""
+    name = str(config.model.get("name", ""))
+    if name not in MODELS:
+        raise ValueError(f"config.model.name={name!r} is not a known model; valid names: "
+                         f"{', '.join(MODELS)}")
+    cls, kwargs_of = MODELS[name]
+    return cls(**kwargs_of(config))
+
+
+def build_score_fn(config, sde, model):
+    """``get_score_fn`` with config.training.continuous and config.model.scale_by_sigma."""
+    return get_score_fn(sde, model, continuous=config.training.get("continuous", True),
+                        scale_by_sigma=bool(config.model.get("scale_by_sigma", False)))
