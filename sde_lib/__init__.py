@@ -7,14 +7,16 @@
 from __future__ import annotations
 
 from .losses import discrete_dsm_losses, dsm_losses, get_loss_fn, sample_time
-from .mixtures import GaussianMixture
+from .mixtures import (TOY_DISTRIBUTIONS, GaussianMixture, eight_mode_mixture, spread_gaussian,
+                       toy_distribution)
 from .sdes import SDE, VESDE, VPSDE, reverse_drift, subVPSDE
 from .utils import SCHEDULE_DTYPE, append_dims, batch_time
 
 __all__ = [
     "SDE", "VPSDE", "subVPSDE", "VESDE", "SDES", "build_sde", "reverse_drift",
     "dsm_losses", "discrete_dsm_losses", "get_loss_fn", "build_loss_fn", "sample_time",
-    "GaussianMixture", "append_dims", "batch_time", "SCHEDULE_DTYPE",
+    "GaussianMixture", "eight_mode_mixture", "spread_gaussian", "toy_distribution",
+    "TOY_DISTRIBUTIONS", "append_dims", "batch_time", "SCHEDULE_DTYPE",
 ]
 
 #: SDE name in ``config.sde.name`` -> (class, the config keys it takes besides num_scales).

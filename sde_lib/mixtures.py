@@ -19,7 +19,8 @@ import torch
 from .sdes import SDE
 from .utils import batch_time
 
-__all__ = ["GaussianMixture"]
+__all__ = ["GaussianMixture", "eight_mode_mixture", "spread_gaussian", "toy_distribution",
+           "TOY_DISTRIBUTIONS"]
 
 _F64 = torch.float64
 
@@ -156,3 +157,40 @@ class GaussianMixture:
         def exact_score(x, t):
             return self.marginal_score(sde, x, t)
         return exact_score
+
+
+def eight_mode_mixture(radius: float = 2.0, std: float = 0.15) -> GaussianMixture:
+    """2-D toy data: 8 isotropic Gaussians (std ``std``) evenly spaced on a circle of the given
+    radius, with unequal weights proportional to 1, 2, ..., 8."""
+    angles = torch.arange(8, dtype=_F64) * (2 * math.pi / 8)
+    means = radius * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+    covs = (std ** 2) * torch.eye(2, dtype=_F64).expand(8, 2, 2)
+    return GaussianMixture(torch.arange(1, 9, dtype=_F64), means, covs)
+
+
+def spread_gaussian(dim: int = 64, *, std_min: float = 0.02, std_max: float = 1.5,
+                    seed: int = 0) -> GaussianMixture:
+    """A Gaussian in ``dim`` dimensions with a spread spectrum: standard deviations geometric
+    from std_min to std_max along a seeded random rotation, and a seeded mean in [-0.5, 0.5]."""
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=_F64))
+    q = q * torch.sign(torch.diagonal(r))[None, :]
+    stds = torch.logspace(math.log10(std_min), math.log10(std_max), dim, dtype=_F64)
+    cov = q @ torch.diag(stds ** 2) @ q.T
+    mean = torch.rand(dim, generator=g, dtype=_F64) - 0.5
+    return GaussianMixture.gaussian(mean, cov)
+
+
+#: Built-in toy distributions by name (config.data.name for 2-D / flat toy data).
+TOY_DISTRIBUTIONS = {
+    "eight_modes": eight_mode_mixture,
+    "spread_gaussian": spread_gaussian,
+}
+
+
+def toy_distribution(name: str, **kwargs) -> GaussianMixture:
+    """The built-in toy distribution ``name`` (one of TOY_DISTRIBUTIONS)."""
+    if name not in TOY_DISTRIBUTIONS:
+        raise ValueError(f"unknown toy distribution {name!r}; valid names: "
+                         f"{', '.join(TOY_DISTRIBUTIONS)}")
+    return TOY_DISTRIBUTIONS[name](**kwargs)

@@ -1,0 +1,53 @@
+"""Shared default for the 2-D toy data (a Gaussian mixture with a closed-form score)."""
+import ml_collections
+
+
+def get_default_configs():
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.device = "auto"          # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+
+    config.data = data = ml_collections.ConfigDict()
+    data.name = "eight_modes"       # one of sde_lib.TOY_DISTRIBUTIONS
+    data.dim = 2
+
+    config.sde = sde = ml_collections.ConfigDict()
+    sde.name = "vpsde"
+    sde.beta_min = 0.1
+    sde.beta_max = 20.0
+    sde.sigma_min = 0.01
+    sde.sigma_max = 5.0             # ~ the largest distance between two data points
+    sde.num_scales = 1000
+
+    config.model = model = ml_collections.ConfigDict()
+    model.name = "mlp"
+    model.hidden_dim = 128
+    model.num_blocks = 3
+    model.embedding_type = "positional"
+    model.embedding_dim = 64
+    model.fourier_scale = 16.0
+    model.scale_by_sigma = False
+    model.num_classes = 0
+
+    config.training = training = ml_collections.ConfigDict()
+    training.n_iters = 2000
+    training.batch_size = 512
+    training.continuous = True
+    training.reduce_mean = False
+    training.likelihood_weighting = False
+    training.importance_sampling = False
+    training.eps = 1e-5
+    training.log_freq = 200
+
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.lr = 2e-3
+    optim.beta1 = 0.9
+    optim.eps = 1e-8
+    optim.weight_decay = 0.0
+    optim.warmup = 100
+    optim.grad_clip = 1.0
+
+    config.eval = evaluate = ml_collections.ConfigDict()
+    evaluate.num_samples = 8192     # samples for the score error against the exact score
+    evaluate.eps = 1e-3             # smallest time of the score error
+    return config
