@@ -57,7 +57,8 @@ def sample_time(sde: SDE, batch: int, *, eps: float = 1e-5, importance_sampling:
     if not importance_sampling:
         return eps + (sde.T - eps) * u, 1.0
     lam_lo, lam_hi = sde.log_snr(torch.tensor([sde.T, eps], dtype=torch.float64)).tolist()
-    t = sde.t_from_log_snr(lam_lo + (lam_hi - lam_lo) * u).clamp(eps, sde.T)
+    # lambda decreases in t: u = 0 gives t = eps as for uniform sampling (a monotone coupling)
+    t = sde.t_from_log_snr(lam_hi - (lam_hi - lam_lo) * u).clamp(eps, sde.T)
     return t, (lam_hi - lam_lo) / (sde.T - eps)
 
 
