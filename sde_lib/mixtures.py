@@ -100,8 +100,11 @@ class GaussianMixture:
         ``device``. Returns (n, *event_shape), and the (n,) component indices if asked.
         """
         k = self.sample_components(n, generator)
-        z = torch.randn(n, self.dim, generator=generator, dtype=_F64)
-        x0 = self.means[k] + torch.einsum("nij,nj->ni", self.eigvecs[k], self.eigvals[k].sqrt() * z)
+        z = torch.randn(n, self.dim, generator=generator, dtype=_F64) * self.eigvals[k].sqrt()
+        x0 = self.means[k]
+        for j in range(self.num_components):          # x0 = mu_k + U_k (sqrt(l_k) z), per component
+            rows = (k == j).nonzero().squeeze(1)
+            x0 = x0.index_add(0, rows, z[rows] @ self.eigvecs[j].T)
         noise = torch.randn(n, self.dim, generator=generator, dtype=_F64)
         x = (alpha * x0 + std * noise).reshape(n, *self.event_shape).to(device=device, dtype=dtype)
         return (x, k) if return_components else x

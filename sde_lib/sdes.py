@@ -23,7 +23,6 @@ import math
 import numbers
 
 import torch
-import torch.nn.functional as F
 
 from .utils import SCHEDULE_DTYPE, append_dims, batch_time
 
@@ -234,7 +233,8 @@ class VPSDE(SDE):
     def _time_from_integrated_beta(self, b: torch.Tensor) -> torch.Tensor:
         """Solve B(t) = b for t >= 0 (the stable root of the quadratic)."""
         slope = self.beta_max - self.beta_min
-        return 2 * b / (self.beta_min + torch.sqrt(self.beta_min ** 2 + 2 * slope * b))
+        denominator = self.beta_min + torch.sqrt(self.beta_min ** 2 + 2 * slope * b)
+        return torch.where(b > 0, 2 * b / denominator.clamp(min=1e-300), torch.zeros_like(b))
 
     def sde(self, x, t):
         t = batch_time(t, x)
@@ -250,8 +250,9 @@ class VPSDE(SDE):
         return -torch.log(torch.expm1(self.integrated_beta(t)))
 
     def t_from_log_snr(self, lam):
-        # exp(B) - 1 = exp(-lam)  =>  B = softplus(-lam)
-        return self._time_from_integrated_beta(F.softplus(-torch.as_tensor(lam).to(SCHEDULE_DTYPE)))
+        # exp(B) - 1 = exp(-lam)  =>  B = log(1 + exp(-lam)) (softplus, without its cut-off)
+        lam = torch.as_tensor(lam).to(SCHEDULE_DTYPE)
+        return self._time_from_integrated_beta(torch.logaddexp(torch.zeros_like(lam), -lam))
 
     def discrete_marginal_coeffs(self, i):
         abar = self._tables.get("alphas_cumprod", i.device)[i]

@@ -1,0 +1,212 @@
+"""The exact-score test bed: data distributions with closed-form perturbed marginals.
+
+For Gaussian and Gaussian-mixture data, every SDE in sde_lib perturbs the data into another
+Gaussian mixture (see ``sde_lib.GaussianMixture``), so the true score and log-density of
+p_t are known exactly. Tests of SDEs, samplers and likelihoods build their data here:
+
+    from testbed import spread_gaussian, eight_mode_mixture, SDE_PARAMS, frechet_distance
+
+    @pytest.mark.parametrize("make_sde", SDE_PARAMS)
+    def test_something(make_sde):
+        sde = make_sde()
+        dist = eight_mode_mixture()
+        score_fn = dist.score_fn(sde)                     # exact score of p_t
+        x = dist.sample(1000, generator=torch.Generator().manual_seed(0))   # (1000, 2)
+
+The distributions are built here independently of any toy data in the library, so a test
+comparing the library against them compares against an independent oracle.
+
+This is a plain module (no tests); pytest's default import mode puts tests/ on sys.path.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import sde_lib
+from sde_lib import GaussianMixture
+
+__all__ = [
+    "Z_MAX",
+    "random_orthogonal", "spread_gaussian", "correlated_gaussian", "eight_mode_mixture",
+    "SDE_FACTORIES", "SDE_IDS", "SDE_PARAMS", "ALL_SDES",
+    "sample_moments", "moment_standard_errors", "moment_zscores", "frechet_from_moments",
+    "frechet_distance", "gaussian_frechet_to",
+]
+
+F64 = torch.float64
+#: Default threshold for statistical checks, in standard errors. For a correct statistic
+#: P(|z| > 5) = 5.7e-7, so even O(100) z-scores in one test give a false-alarm rate < 1e-4
+#: (and tests use fixed seeds anyway); an error of a few percent on 20000 samples is >= 8 SE.
+Z_MAX = 5.0
+
+
+# ----- data distributions -----------------------------------------------------------------
+def random_orthogonal(dim: int, generator: torch.Generator) -> torch.Tensor:
+    """A random orthogonal matrix (dim, dim) float64: QR of a seeded standard normal matrix,
+    with the signs of R's diagonal folded into Q (so Q is Haar-distributed and unique)."""
+    q, r = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=F64))
+    return q * torch.sign(torch.diagonal(r))[None, :]
+
+
+def spread_gaussian(dim: int = 64, seed: int = 0, *, std_min: float = 0.02, std_max: float = 1.5,
+                    event_shape=None) -> GaussianMixture:
+    """A single Gaussian N(mu, Sigma) in ``dim`` dimensions with a "spread spectrum".
+
+    Sigma = Q diag(s^2) Q^T with Q a seeded random orthogonal matrix (``random_orthogonal``)
+    and standard deviations s geometrically spaced from ``std_min`` to ``std_max``; the mean
+    mu (dim,) has seeded uniform entries in [-0.5, 0.5]. Samples have shape (n, dim), or
+    (n, *event_shape) if ``event_shape`` (with prod(event_shape) == dim) is given.
+    """
+    g = torch.Generator().manual_seed(seed)
+    q = random_orthogonal(dim, g)
+    stds = torch.logspace(math.log10(std_min), math.log10(std_max), dim, dtype=F64)
+    cov = q @ torch.diag(stds ** 2) @ q.T
+    mean = torch.rand(dim, generator=g, dtype=F64) - 0.5
+    return GaussianMixture.gaussian(mean, cov, event_shape)
+
+
+def correlated_gaussian(dim: int = 3, seed: int = 1) -> GaussianMixture:
+    """A small, strongly correlated Gaussian (dim,) with a non-zero mean, for moment tests.
+
+    Mean entries in [0.8, 1.5] with alternating signs (|mu| ~ 1, so that a 5% error in the
+    mean coefficient alpha is many standard errors); covariance Q diag(s^2) Q^T with s from
+    0.3 to 1.2 (condition number 16), so off-diagonal entries are O(0.3).
+    """
+    g = torch.Generator().manual_seed(seed)
+    q = random_orthogonal(dim, g)
+    stds = torch.linspace(0.3, 1.2, dim, dtype=F64)
+    cov = q @ torch.diag(stds ** 2) @ q.T
+    signs = torch.tensor([(-1.0) ** k for k in range(dim)], dtype=F64)
+    mean = signs * (0.8 + 0.7 * torch.rand(dim, generator=g, dtype=F64))
+    return GaussianMixture.gaussian(mean, cov)
+
+
+def eight_mode_mixture(seed: int = 0, *, radius: float = 2.0, std: float = 0.15,
+                       anisotropy: float = 1.0) -> GaussianMixture:
+    """2-D mixture of 8 Gaussians evenly spaced on a circle of the given radius.
+
+    Weights are proportional to 1, 2, ..., 8 (normalised), assigned to the modes in angular
+    order starting at the mode ``seed % 8`` (seed 0: mode at angle 0 has weight 1/36).
+    Each component has std ``std`` along the radius and ``std * anisotropy`` along the
+    tangent (anisotropy 1: isotropic). Samples have shape (n, 2).
+    """
+    k = torch.arange(8, dtype=F64)
+    angles = k * (2 * math.pi / 8)
+    radial = torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)          # (8, 2)
+    tangent = torch.stack([-torch.sin(angles), torch.cos(angles)], dim=1)
+    means = radius * radial
+    covs = (std ** 2) * (radial[:, :, None] * radial[:, None, :]
+                         + anisotropy ** 2 * tangent[:, :, None] * tangent[:, None, :])
+    weights = torch.roll(torch.arange(1, 9, dtype=F64), shifts=seed % 8)
+    return GaussianMixture(weights, means, covs)
+
+
+# ----- the SDEs ---------------------------------------------------------------------------
+#: (id, factory) of the three SDEs with their default parameters.
+SDE_FACTORIES = [
+    ("vpsde", sde_lib.VPSDE),
+    ("subvpsde", sde_lib.subVPSDE),
+    ("vesde", sde_lib.VESDE),
+]
+SDE_IDS = [name for name, _ in SDE_FACTORIES]
+#: For ``@pytest.mark.parametrize("make_sde", SDE_PARAMS)``: factories with readable ids.
+SDE_PARAMS = [pytest.param(factory, id=name) for name, factory in SDE_FACTORIES]
+
+
+def ALL_SDES() -> list:
+    """Fresh instances of VPSDE(), subVPSDE(), VESDE() with default parameters."""
+    return [factory() for _, factory in SDE_FACTORIES]
+
+
+# ----- statistics of sample sets ----------------------------------------------------------
+def _flat64(x) -> np.ndarray:
+    """Samples (B, ...) as a float64 numpy array (B, D)."""
+    if torch.is_tensor(x):
+        x = x.detach().to("cpu", torch.float64).numpy()
+    x = np.asarray(x, dtype=np.float64)
+    return x.reshape(x.shape[0], -1)
+
+
+def sample_moments(x) -> tuple[np.ndarray, np.ndarray]:
+    """Sample mean (D,) and unbiased sample covariance (D, D), float64, of x (B, ...)."""
+    x = _flat64(x)
+    return x.mean(axis=0), np.atleast_2d(np.cov(x, rowvar=False))
+
+
+def moment_standard_errors(x) -> tuple[np.ndarray, np.ndarray]:
+    """Standard errors of the sample mean (D,) and sample covariance entries (D, D) of x (B, ...).
+
+    Distribution-free (CLT): SE(mean_i) = sd(x_i) / sqrt(B) and
+    SE(S_ij) = sd((x_i - m_i)(x_j - m_j)) / sqrt(B), which for Gaussian data equals
+    sqrt((S_ii S_jj + S_ij^2) / B) and for mixtures accounts for their fourth moments.
+    """
+    x = _flat64(x)
+    n = x.shape[0]
+    c = x - x.mean(axis=0)
+    # sample variance of p_ij = c_i c_j over the B samples, without a (B, D, D) array
+    mean_p = c.T @ c / n
+    var_p = np.clip(((c ** 2).T @ (c ** 2) - n * mean_p ** 2) / (n - 1), 0.0, None)
+    return c.std(axis=0, ddof=1) / math.sqrt(n), np.sqrt(var_p / n)
+
+
+def moment_zscores(x, mean, cov, *, mean_allowance=0.0, cov_allowance=0.0):
+    """z-scores of the sample moments of x (B, ...) against a predicted mean (D,) and cov (D, D).
+
+    z = max(|sample moment - prediction| - allowance, 0) / SE, with the SEs of
+    ``moment_standard_errors``. Allowances (scalars or arrays shaped like the moment) are for
+    a known, separately justified bias such as a discretization error.
+
+    Returns (z_mean (D,), z_cov (D, D)), non-negative float64 arrays.
+    """
+    m, s = sample_moments(x)
+    se_mean, se_cov = moment_standard_errors(x)
+    mean = torch.as_tensor(mean, dtype=F64).cpu().numpy().reshape(m.shape)
+    cov = torch.as_tensor(cov, dtype=F64).cpu().numpy().reshape(s.shape)
+    z_mean = np.maximum(np.abs(m - mean) - mean_allowance, 0.0) / se_mean
+    z_cov = np.maximum(np.abs(s - cov) - cov_allowance, 0.0) / se_cov
+    return z_mean, z_cov
+
+
+def _sym_sqrt(a: np.ndarray) -> np.ndarray:
+    """Symmetric PSD square root via eigh, negative round-off eigenvalues clamped to 0."""
+    vals, vecs = np.linalg.eigh(0.5 * (a + a.T))
+    return (vecs * np.sqrt(np.clip(vals, 0.0, None))) @ vecs.T
+
+
+def frechet_from_moments(mu1, cov1, mu2, cov2) -> float:
+    """Frechet (2-Wasserstein squared) distance between N(mu1, cov1) and N(mu2, cov2):
+
+        |mu1 - mu2|^2 + tr(cov1 + cov2 - 2 (cov1^{1/2} cov2 cov1^{1/2})^{1/2}),
+
+    in float64. The matrix square roots are symmetric eigen-decompositions, so the result
+    is real and >= 0 (up to round-off) even for singular or badly conditioned covariances,
+    unlike sqrtm(cov1 @ cov2). mu: (D,), cov: (D, D); tensors or arrays.
+    """
+    def arr(v):
+        return np.asarray(torch.as_tensor(v, dtype=F64).cpu().numpy(), dtype=np.float64)
+    mu1, mu2 = arr(mu1).reshape(-1), arr(mu2).reshape(-1)
+    cov1, cov2 = np.atleast_2d(arr(cov1)), np.atleast_2d(arr(cov2))
+    root1 = _sym_sqrt(cov1)
+    middle = root1 @ cov2 @ root1
+    vals = np.linalg.eigvalsh(0.5 * (middle + middle.T))
+    cross = np.sqrt(np.clip(vals, 0.0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2.0 * cross)
+
+
+def frechet_distance(x, y) -> float:
+    """Gaussian Frechet distance between two sample sets x (B1, ...) and y (B2, ...) of the same
+    event size D (flattened): frechet_from_moments of their sample means and covariances."""
+    mu1, cov1 = sample_moments(x)
+    mu2, cov2 = sample_moments(y)
+    return frechet_from_moments(mu1, cov1, mu2, cov2)
+
+
+def gaussian_frechet_to(dist: GaussianMixture, x) -> float:
+    """Frechet distance between samples x (B, ...) and the exact mean (D,) and covariance (D, D)
+    of ``dist`` (for a mixture, of the Gaussian with the mixture's first two moments)."""
+    mu, cov = sample_moments(x)
+    return frechet_from_moments(mu, cov, dist.mean(), dist.covariance())
