@@ -1,8 +1,16 @@
-"""samplers: integrate the reverse-time SDE / probability-flow ODE.
+"""samplers: integrate the reverse-time SDE / probability-flow ODE from the prior to data.
 
-Planned public API (shared/DESIGN.md, section 3): pc_sample, ald_sample, ode_sample,
-log_likelihood, bits_per_dim. None of them exists yet: they are the subject of the samplers
-issue. The reverse-time drift they will all use is ``sde_lib.reverse_drift`` /
-``SDE.reverse``.
+    result = samplers.pc_sample(score_fn, sde, (64, 3, 32, 32), predictor="reverse_diffusion",
+                                corrector="langevin", snr=0.16)
+    result.x, result.nfe
+
+Every sampler takes ``score_fn(x, t)`` (from ``models.get_score_fn`` or an exact score),
+the SDE, the sample shape, and keyword options; it returns a ``SampleResult(x, nfe)``.
+All of them use the one reverse-time drift of ``sde_lib`` (``SDE.reverse``).
 """
-__all__: list[str] = []
+from .ald import ald_sample
+from .common import SampleResult
+from .pc import CORRECTORS, PREDICTORS, langevin_step_factor, pc_sample
+
+__all__ = ["SampleResult", "pc_sample", "ald_sample", "PREDICTORS", "CORRECTORS",
+           "langevin_step_factor"]
