@@ -108,15 +108,16 @@ def _per_sample_norm(v: torch.Tensor) -> torch.Tensor:
 def langevin(score, sde: SDE, x, t, *, snr: float, n_steps: int, generator):
     """Langevin corrector with the signal-to-noise step rule (Song et al. 2021, Alg. 4-5):
     eps = 2 alpha_i (snr ||z|| / ||s||)^2;  x <- x + eps s + sqrt(2 eps) z.
-    Norms are per sample (the Score SDE code averages them over the batch, which makes a
-    sample depend on its batch)."""
+    The norms are averaged over the batch, as in the Score SDE code: with per-sample norms a
+    sample near a mode centre (score ~ 0) takes a huge step and hops between modes (on the
+    2-D mixture test the mode weights are then off by 0.13 in total variation, vs 0.007)."""
     factor = append_dims(langevin_step_factor(sde, t).to(x.dtype), x.ndim)
     x_mean = x
     for _ in range(n_steps):
         grad = score(x, t)
         noise = std_normal_like(x, generator)
-        ratio = _per_sample_norm(noise) / _per_sample_norm(grad).clamp(min=1e-30)
-        step_size = 2 * factor * append_dims(snr * ratio, x.ndim) ** 2
+        ratio = _per_sample_norm(noise).mean() / _per_sample_norm(grad).mean().clamp(min=1e-30)
+        step_size = 2 * factor * (snr * ratio) ** 2
         x_mean = x + step_size * grad
         x = x_mean + torch.sqrt(2 * step_size) * noise
     return x, x_mean
