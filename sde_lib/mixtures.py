@@ -142,7 +142,8 @@ class GaussianMixture:
         """
         log_joint, whitened, vecs = self._components(x, alpha, std)
         resp = torch.softmax(log_joint, dim=1)
-        score = -torch.einsum("bk,kde,bke->bd", resp, vecs, whitened)
+        # two-operand einsum (a batched matmul); the three-operand form was ~50x slower on CPU
+        score = -torch.einsum("kde,bke->bd", vecs, resp[:, :, None] * whitened)
         return score.reshape(x.shape).to(x.dtype)
 
     def marginal_log_prob(self, sde: SDE, x: torch.Tensor, t) -> torch.Tensor:
