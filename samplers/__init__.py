@@ -10,6 +10,7 @@ All of them use the one reverse-time drift of ``sde_lib`` (``SDE.reverse``).
 """
 from .ald import ald_sample
 from .common import SampleResult
+from .from_config import SAMPLERS, sample_from_config
 from .likelihood import (PROBE_NOISES, TRACE_ESTIMATORS, BitsPerDimResult, LikelihoodResult,
                          bits_per_dim, log_likelihood)
 from .ode import ODE_METHODS, ode_sample
@@ -17,4 +18,4 @@ from .pc import CORRECTORS, PREDICTORS, langevin_step_factor, pc_sample
 
 __all__ = ["SampleResult", "pc_sample", "ald_sample", "ode_sample", "log_likelihood",
            "bits_per_dim", "LikelihoodResult", "BitsPerDimResult", "PREDICTORS", "CORRECTORS",
-           "ODE_METHODS", "TRACE_ESTIMATORS", "PROBE_NOISES", "langevin_step_factor"]
+           "ODE_METHODS", "TRACE_ESTIMATORS", "PROBE_NOISES", "langevin_step_factor", "SAMPLERS", "sample_from_config"]

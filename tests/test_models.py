@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from ml_collections import ConfigDict
@@ -208,6 +209,29 @@ def test_main_train_mode_end_to_end(tmp_path):
     assert metrics["steps"] == 30 and math.isfinite(metrics["loss"])
     assert "subVPSDE" in metrics["sde"]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    # sample with each sampler and compute likelihoods from the weights just written
+    small = ["--config.sde.num_scales=20", "--config.sampling.num_samples=64",
+             "--config.sampling.n_steps_each=2", "--config.eval.likelihood_samples=16",
+             "--config.sampling.rtol=1e-3", "--config.sampling.atol=1e-3"]
+    for sampler in ("pc", "ode"):
+        done = subprocess.run(cmd[:3] + ["sample", "--sampler", sampler] + cmd[4:] + small,
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        result = json.loads((tmp_path / f"samples_{sampler}.json").read_text())
+        assert result["nfe"] > 0 and 0 <= result["mode_weight_tv"] <= 1
+        with np.load(tmp_path / f"samples_{sampler}.npz") as archive:
+            assert archive["samples"].shape == (64, 2)
+        assert (tmp_path / f"samples_{sampler}.png").stat().st_size > 1000
+    done = subprocess.run(cmd[:3] + ["likelihood"] + cmd[4:] + small, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    likelihood = json.loads((tmp_path / "likelihood.json").read_text())
+    assert math.isfinite(likelihood["nll_nats"]) and likelihood["nfe"] > 0
+    # the subVP run's ALD request is refused with the one-line error of ald_sample
+    done = subprocess.run(cmd[:3] + ["sample", "--sampler", "ald"] + cmd[4:] + small, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "use pc_sample" in done.stderr
+
     bad = subprocess.run(cmd[:-2] + ["--config.training.no_such_key=1"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "no_such_key" in bad.stderr

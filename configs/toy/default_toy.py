@@ -47,7 +47,25 @@ def get_default_configs():
     optim.warmup = 100
     optim.grad_clip = 1.0
 
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.method = "pc"          # pc | ald | ode (main.py --sampler overrides it)
+    sampling.num_samples = 4096
+    sampling.predictor = "reverse_diffusion"
+    sampling.corrector = "langevin"
+    sampling.snr = 0.16
+    sampling.n_steps_each = 1       # corrector steps per time step (pc); Langevin steps per level (ald)
+    sampling.step_lr = 2e-5         # ald step size at sigma_min
+    sampling.noise_removal = True   # final denoising step
+    sampling.eps = 1e-3             # last time of the pc and ode samplers
+    sampling.ode_method = "dopri5"
+    sampling.rtol = 1e-5
+    sampling.atol = 1e-5
+
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.num_samples = 8192     # samples for the score error against the exact score
     evaluate.eps = 1e-3             # smallest time of the score error
+    evaluate.likelihood_samples = 1024
+    evaluate.likelihood_eps = 1e-5  # the ODE starts at eps; logp is that of p_eps
+    evaluate.trace = "exact"        # exact | hutchinson
+    evaluate.probes = 1
     return config

@@ -1,0 +1,43 @@
+"""Run the sampler that a config's ``sampling`` group names."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from sde_lib import SDE
+
+from .ald import ald_sample
+from .common import SampleResult, check_choice
+from .ode import ode_sample
+from .pc import pc_sample
+
+__all__ = ["SAMPLERS", "sample_from_config"]
+
+SAMPLERS = ("pc", "ald", "ode")
+
+
+def sample_from_config(sampling, score_fn: Callable, sde: SDE, shape, *,
+                       generator: torch.Generator | None = None, device=None,
+                       progress: bool = False, callback: Callable | None = None,
+                       method: str | None = None) -> SampleResult:
+    """Sample with ``sampling.method`` (or ``method``): one of SAMPLERS.
+
+    Keys of the ``sampling`` config group: predictor, corrector, snr, n_steps_each,
+    noise_removal, eps (pc); n_steps_each, step_lr, noise_removal (ald); ode_method, rtol,
+    atol, eps, noise_removal (ode).
+    """
+    method = method or sampling.method
+    check_choice("sampler", method, SAMPLERS)
+    common = dict(generator=generator, device=device, progress=progress, callback=callback)
+    if method == "pc":
+        return pc_sample(score_fn, sde, shape, predictor=sampling.predictor,
+                         corrector=sampling.corrector, snr=sampling.snr,
+                         n_steps=sampling.n_steps_each, denoise=sampling.noise_removal,
+                         eps=sampling.eps, **common)
+    if method == "ald":
+        return ald_sample(score_fn, sde, shape, n_steps_each=sampling.n_steps_each,
+                          step_lr=sampling.step_lr, denoise=sampling.noise_removal, **common)
+    return ode_sample(score_fn, sde, shape, method=sampling.ode_method, rtol=sampling.rtol,
+                      atol=sampling.atol, eps=sampling.eps, denoise=sampling.noise_removal,
+                      **common)
