@@ -8,11 +8,15 @@ from __future__ import annotations
 import math
 
 from .embeddings import GaussianFourierProjection, sinusoidal_embedding
+from .fir import (FIRConv2d, conv_downsample_2d, downsample_2d, setup_kernel, upfirdn2d,
+                  upsample_2d, upsample_conv_2d)
 from .mlp import MLPScoreNet
 from .score import VP_TIME_SCALE, get_score_fn
 
 __all__ = ["MODELS", "build_model", "build_score_fn", "data_shape", "get_score_fn",
-           "MLPScoreNet", "GaussianFourierProjection", "sinusoidal_embedding", "VP_TIME_SCALE"]
+           "MLPScoreNet", "GaussianFourierProjection", "sinusoidal_embedding", "VP_TIME_SCALE",
+           "upfirdn2d", "setup_kernel", "upsample_2d", "downsample_2d", "upsample_conv_2d",
+           "conv_downsample_2d", "FIRConv2d"]
 
 
 def data_shape(config) -> tuple[int, ...]:
