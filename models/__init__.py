@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from .ema import ExponentialMovingAverage
 from .embeddings import GaussianFourierProjection, sinusoidal_embedding
 from .fir import (FIRConv2d, conv_downsample_2d, downsample_2d, setup_kernel, upfirdn2d,
                   upsample_2d, upsample_conv_2d)
@@ -16,7 +17,7 @@ from .score import VP_TIME_SCALE, get_score_fn
 __all__ = ["MODELS", "build_model", "build_score_fn", "data_shape", "get_score_fn",
            "MLPScoreNet", "GaussianFourierProjection", "sinusoidal_embedding", "VP_TIME_SCALE",
            "upfirdn2d", "setup_kernel", "upsample_2d", "downsample_2d", "upsample_conv_2d",
-           "conv_downsample_2d", "FIRConv2d"]
+           "conv_downsample_2d", "FIRConv2d", "ExponentialMovingAverage"]
 
 
 def data_shape(config) -> tuple[int, ...]:
