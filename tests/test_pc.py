@@ -101,7 +101,7 @@ def test_ald_recovers_64d_gaussian(gaussian):
 
 
 #: Known weak combination: annealed Langevin alone on sub-VP takes steps ~ std^2 while sub-VP's
-#: std ~ beta_min t near t = 0, so the modes stay ~30 % too wide (Frechet 0.0072 > 0.005).
+#: std ~ beta_min t near t = 0, so the fine scale does not settle (Frechet 0.0072 > 0.005).
 KNOWN_WEAK = {("subvp", "none", "ald")}
 
 
