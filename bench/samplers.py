@@ -1,0 +1,537 @@
+"""Sampler and likelihood benchmark on the exact-score 64-D Gaussian (a benchmark, not a test).
+
+    python bench/samplers.py [--quick] [--samples N] [--device cpu|cuda] [--out results.json]
+
+Every sampler runs on the *exact* score of ``sde_lib.spread_gaussian(64)`` (stds 0.02..1.5
+along a random rotation), so what is measured is the sampler alone. Per sampler and SDE it
+prints the score evaluations (NFE), the wall time, the Frechet distance (FD) of the samples
+to an independent true sample set, the same FD in the data's whitened coordinates (where the
+low-variance directions count as much as the large ones), and the sampler's own overhead:
+the time per step and per NFE with a trivial score (the exact score of N(0, I) data, a few
+elementwise ops), i.e. the cost of the loop, not of the model. The floors are the FDs
+between two independent true sample sets of the same size.
+
+Two sections per SDE: our samplers in their standard setting (N = 1000 steps; --quick: 100),
+and every sampler at matched NFE budgets (10, 20, 50, 100). If k-diffusion is installed
+(``bash bench/setup_env.sh``; bench/README.md) its samplers run on the same exact score,
+through the adapter ``KDiffusionDenoiser`` below, with Karras sigmas, and its
+``log_likelihood`` is compared with ours against the true log-density.
+
+Settings: VPSDE(), subVPSDE(), VESDE(sigma_min=0.01, sigma_max=20): sigma_max=20 rather than 5
+because the prior N(0, sigma_max^2 I) differs from the true p_T, and with sigma_max=5 that
+alone puts a probability-flow sampler at FD 0.067 from the data (computed in closed form),
+not far below the 2000-sample floor of 0.11; with 20 it is 0.004. Sampling state in --dtype
+(float32 by default; GaussianMixture computes the score in float64), likelihoods in float64.
+One torch thread by default (--threads): on the shared 2-core machine two threads made a
+score evaluation 50x slower.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout, uninstalled
+
+import samplers  # noqa: E402
+import sde_lib  # noqa: E402
+from samplers.common import CountingScore  # noqa: E402
+from samplers.metrics import frechet_distance  # noqa: E402
+from sde_lib import SCHEDULE_DTYPE, append_dims  # noqa: E402
+
+try:  # being written in samplers/ode.py and samplers/likelihood.py; rows skipped until then
+    from samplers.ode import ode_sample
+except ImportError:
+    ode_sample = None
+try:
+    from samplers.likelihood import log_likelihood
+except ImportError:
+    log_likelihood = None
+
+F64 = torch.float64
+DIM = 64
+SAMPLE_EPS = 1e-3          # smallest sampling time (pc_sample's default); k-diffusion: sigma(eps)
+LIKELIHOOD_EPS = 1e-5      # time the data sits at for likelihoods (log_likelihood's default)
+KDIFF_INSTALL = "bash bench/setup_env.sh   (then run with .venv-bench/bin/python)"
+
+SDES = {
+    "VP": lambda N: sde_lib.VPSDE(beta_min=0.1, beta_max=20.0, N=N),
+    "subVP": lambda N: sde_lib.subVPSDE(beta_min=0.1, beta_max=20.0, N=N),
+    "VE": lambda N: sde_lib.VESDE(sigma_min=0.01, sigma_max=20.0, N=N),
+}
+
+
+# ----- k-diffusion, without its package __init__ ----------------------------------------------
+def load_k_diffusion():
+    """Import ``k_diffusion.sampling`` alone and return (module, None), or (None, reason).
+
+    k_diffusion/__init__.py imports every submodule, and those need torchvision, CLIP, wandb,
+    ... . sampling.py itself needs only scipy, torchdiffeq, torchsde, tqdm and
+    ``utils.append_dims``: register a stub package whose __path__ is the installed package
+    directory (found without executing __init__) and a stub ``k_diffusion.utils``.
+    """
+    if "k_diffusion.sampling" in sys.modules:
+        return sys.modules["k_diffusion.sampling"], None
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        return None, f"k-diffusion is not installed; to add it: {KDIFF_INSTALL}"
+    package = types.ModuleType("k_diffusion")
+    package.__path__ = list(spec.submodule_search_locations)
+    utils = types.ModuleType("k_diffusion.utils")
+    utils.append_dims = append_dims          # the one helper sampling.py uses from utils
+    package.utils = utils
+    sys.modules.update({"k_diffusion": package, "k_diffusion.utils": utils})
+    try:
+        return importlib.import_module("k_diffusion.sampling"), None
+    except ImportError as error:            # e.g. torchsde missing
+        for name in ("k_diffusion", "k_diffusion.utils", "k_diffusion.sampling"):
+            sys.modules.pop(name, None)
+        return None, f"k_diffusion.sampling failed to import ({error}); to fix: {KDIFF_INSTALL}"
+
+
+def sigma_of_t(sde, t: float) -> float:
+    """The VE-space noise level sigma(t) = std(t) / alpha(t) = exp(-lambda(t) / 2)."""
+    return math.exp(-0.5 * sde.log_snr(torch.tensor(t, dtype=F64)).item())
+
+
+class KDiffusionDenoiser:
+    """k-diffusion's model(x_ve, sigma) -> denoised, from our score_fn(x, t) and a linear SDE.
+
+    Every SDE here has x_t = alpha(t) x_0 + std(t) z. Divide by alpha: x_ve = x_t / alpha =
+    x_0 + sigma z with sigma = std / alpha = exp(-lambda / 2), lambda = sde.log_snr(t): the VE
+    (EDM) parameterisation, in which k-diffusion works. At noise level sigma the time is
+    t = sde.t_from_log_snr(-2 log sigma), and the denoiser is the posterior mean of x_0,
+    the same in both parameterisations (x_ve and x_t determine each other). Tweedie's formula
+    in x-space gives it from the score: E[x_0 | x_t] = (x_t + std^2 grad log p_t(x_t)) / alpha,
+    evaluated at x_t = alpha x_ve. So
+
+        D(x_ve; sigma) = (x + std(t)^2 score(x, t)) / alpha(t),   x = alpha(t) x_ve.
+
+    It is differentiable in x_ve (for k-diffusion's log_likelihood) if the score is.
+    """
+
+    def __init__(self, score_fn: Callable, sde):
+        self.score_fn, self.sde = score_fn, sde
+
+    def __call__(self, x_ve: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        lam = -2.0 * torch.log(sigma.to(SCHEDULE_DTYPE))
+        t = self.sde.t_from_log_snr(lam).clamp(0.0, self.sde.T)
+        alpha, std = self.sde.marginal_coeffs(t)
+        alpha = append_dims(alpha.to(x_ve.dtype), x_ve.ndim)
+        var = append_dims((std ** 2).to(x_ve.dtype), x_ve.ndim)
+        x = alpha * x_ve
+        return (x + var * self.score_fn(x, t)) / alpha
+
+
+def unit_gaussian_score(sde):
+    """The trivial score for overhead timings: the exact score of N(0, I) data, -x / (alpha^2
+    + std^2) (= -x for VP); stable for every SDE and sampler, unlike -x for VE."""
+    def score(x, t):
+        alpha, std = sde.marginal_coeffs(t)
+        return -x / append_dims((alpha ** 2 + std ** 2).to(x.dtype), x.ndim)
+    return score
+
+
+def unit_gaussian_denoiser(x_ve, sigma):
+    """The same for k-diffusion: the exact denoiser of N(0, I) data, x / (1 + sigma^2)."""
+    return x_ve / append_dims(1.0 + sigma ** 2, x_ve.ndim)
+
+
+# ----- timing ---------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable, device: torch.device):
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - start
+
+
+@dataclass
+class Row:
+    family: str            # "ours" or "k-diffusion"
+    sampler: str           # the sampler and its options
+    steps_label: str       # its step count, e.g. "N=1000"
+    sde: str
+    steps: int | None      # loop iterations (PC time steps, Langevin steps, sigma intervals)
+    nfe: int | None
+    wall_s: float | None
+    fd: float | None
+    fd_whitened: float | None
+    overhead_ms_per_step: float | None
+    overhead_ms_per_nfe: float | None
+    budget: int | None = None    # the matched-NFE budget this run belongs to, if any
+    error: str | None = None     # why the run failed (e.g. non-finite values), if it did
+
+
+@dataclass
+class Case:
+    """One sampler configuration: ``run(model, seed) -> (x, nfe)``, with model the exact
+    score (ours) or denoiser (k-diffusion), or the trivial one for the overhead."""
+    family: str
+    sampler: str
+    steps_label: str
+    steps: int | None
+    run: Callable
+    exact_model: Callable
+    trivial_model: Callable
+    budget: int | None = None
+
+
+def generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class Reference:
+    """The independent true sample set, also in the data's whitened coordinates
+    Sigma^{-1/2} (x - mu), where the FD weighs every direction alike: the plain FD is dominated
+    by the few directions with std ~1 (std ranges over 0.02..1.5), and misses errors in the
+    low-variance ones (the "fine detail")."""
+
+    def __init__(self, dist, x: torch.Tensor):
+        vals, vecs = torch.linalg.eigh(dist.covariance())
+        self.mean, self.root_inv = dist.mean(), (vecs * vals.rsqrt()) @ vecs.T
+        self.x, self.xw = x, self.whiten(x)
+
+    def whiten(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.detach().cpu().to(F64).reshape(x.shape[0], -1) - self.mean) @ self.root_inv
+
+
+def measure(case: Case, sde_name: str, reference: Reference, device, seed: int) -> Row:
+    try:
+        (x, nfe), wall = timed(lambda: case.run(case.exact_model, seed), device)
+    except (FloatingPointError, ValueError) as error:
+        return Row(case.family, case.sampler, case.steps_label, sde_name, case.steps, None, None,
+                   None, None, None, None, case.budget, str(error).split(";")[0])
+    # Overhead: the fastest of >= 3 runs (up to 20 while they take < 1 s in all) with the
+    # trivial model; the minimum filters out one-off costs and other load on a shared machine.
+    best, spent, repeats = math.inf, 0.0, 0
+    while repeats < 3 or (repeats < 20 and spent < 1.0):
+        (_, trivial_nfe), trivial_wall = timed(lambda: case.run(case.trivial_model, seed), device)
+        best, spent, repeats = min(best, trivial_wall), spent + trivial_wall, repeats + 1
+    return Row(case.family, case.sampler, case.steps_label, sde_name, case.steps, nfe, wall,
+               frechet_distance(x, reference.x),
+               frechet_distance(reference.whiten(x), reference.xw),
+               None if case.steps is None else 1e3 * best / case.steps,
+               1e3 * best / max(trivial_nfe, 1), case.budget)
+
+
+# ----- the cases ----------------------------------------------------------------------------------
+def our_cases(dist, make_sde, N: int, ald_steps_each: int, shape, dtype, device, budgets):
+    """Our samplers at the SDE's N (the reference setting) and at the matched NFE budgets."""
+    def pc(sde, predictor, corrector, budget=None):
+        def run(score_fn, seed):
+            r = samplers.pc_sample(score_fn, sde, shape, predictor=predictor, corrector=corrector,
+                                   eps=SAMPLE_EPS, dtype=dtype, device=device,
+                                   generator=generator(seed, device))
+            return r.x, r.nfe
+        return Case("ours", f"pc {predictor}+{corrector}", f"N={sde.N}", sde.N, run,
+                    dist.score_fn(sde), unit_gaussian_score(sde), budget)
+
+    def ode(sde, method, num_steps=None, budget=None):
+        def run(score_fn, seed):
+            r = ode_sample(score_fn, sde, shape, method=method, num_steps=num_steps,
+                           eps=SAMPLE_EPS, denoise=True, dtype=dtype, device=device,
+                           generator=generator(seed, device))
+            return r.x, r.nfe
+        steps_label = "rtol=atol=1e-5" if num_steps is None else f"{num_steps} steps"
+        return Case("ours", f"ode {method}", steps_label, num_steps, run, dist.score_fn(sde),
+                    unit_gaussian_score(sde), budget)
+
+    sde = make_sde(N)
+    discrete = not isinstance(sde, sde_lib.subVPSDE)      # VP and VE have a discrete chain
+    cases = [pc(sde, "reverse_diffusion", "langevin"), pc(sde, "euler_maruyama", "none")]
+    if discrete:
+        cases.append(pc(sde, "ancestral_sampling", "langevin"))
+    if isinstance(sde, sde_lib.VESDE):                     # NCSN: 10 levels, n steps each
+        levels = sde_lib.VESDE(sigma_min=sde.sigma_min, sigma_max=sde.sigma_max, N=10)
+
+        def ald(score_fn, seed):
+            r = samplers.ald_sample(score_fn, levels, shape, n_steps_each=ald_steps_each,
+                                    step_lr=2e-5, dtype=dtype, device=device,
+                                    generator=generator(seed, device))
+            return r.x, r.nfe
+        cases.append(Case("ours", "ald", f"10 levels x {ald_steps_each}", 10 * ald_steps_each + 1,
+                          ald, dist.score_fn(levels), unit_gaussian_score(levels)))
+    if ode_sample is not None:
+        cases.append(ode(sde, "dopri5"))
+    matched = []
+    for budget in budgets:
+        small = make_sde(budget)
+        matched += [pc(small, "euler_maruyama", "none", budget),
+                    pc(small, "reverse_diffusion", "none", budget)]
+        if discrete:
+            matched.append(pc(small, "ancestral_sampling", "none", budget))
+        matched.append(pc(make_sde(budget // 2), "reverse_diffusion", "langevin", budget))
+        if ode_sample is not None:     # + 1 NFE for the final Tweedie denoising step
+            matched += [ode(sde, "euler", budget - 1, budget),
+                        ode(sde, "heun2", (budget - 1) // 2, budget)]
+    return cases, matched
+
+
+#: k-diffusion sampler -> score evaluations per step (the last step to sigma = 0 takes one).
+K_SAMPLERS = {"sample_euler": 1, "sample_euler_ancestral": 1, "sample_lms": 1,
+              "sample_dpmpp_2m": 1, "sample_heun": 2, "sample_dpm_2": 2}
+
+
+def k_cases(ks, dist, sde, shape, dtype, device, budgets):
+    """k-diffusion's samplers on Karras sigmas (rho = 7) from sigma(eps) to sigma(T), + 0;
+    x_T ~ N(0, sigma(T)^2 I) from the same seed as our prior draw."""
+    sigma_min, sigma_max = sigma_of_t(sde, SAMPLE_EPS), sigma_of_t(sde, sde.T)
+    cases = []
+    for budget in budgets:
+        for name, per_step in K_SAMPLERS.items():
+            steps = budget if per_step == 1 else (budget + 1) // 2      # NFE = 2 steps - 1
+            sigmas = ks.get_sigmas_karras(steps, sigma_min, sigma_max, rho=7.0,
+                                          device=device).to(dtype)
+
+            def run(model, seed, fn=getattr(ks, name), sigmas=sigmas):
+                model = CountingScore(model)
+                x = torch.randn(shape, generator=generator(seed, device), device=device,
+                                dtype=dtype) * sigmas[0]
+                torch.manual_seed(seed)          # k-diffusion's ancestral noise: global RNG
+                return fn(model, x, sigmas, disable=True), model.nfe
+            cases.append(Case("k-diffusion", name.removeprefix("sample_"), f"{steps} steps",
+                              steps, run, KDiffusionDenoiser(dist.score_fn(sde), sde),
+                              unit_gaussian_denoiser, budget))
+    return cases
+
+
+# ----- likelihoods ----------------------------------------------------------------------------
+def likelihood_rows(ks, dist, sde_name, sde, n_points, tol, device):
+    """Ours (exact trace, Hutchinson) and k-diffusion's log_likelihood vs log p_eps(x)."""
+    eps = LIKELIHOOD_EPS
+    x = dist.sample_marginal(sde, eps, n_points, generator=torch.Generator().manual_seed(7),
+                             dtype=F64, device=device)
+    truth = dist.marginal_log_prob(sde, x, eps)
+    score_fn = dist.score_fn(sde)
+    runs = {}
+    if log_likelihood is not None:
+        for trace in ("exact", "hutchinson"):
+            runs[f"ours {trace}"] = lambda trace=trace: (lambda r: (r.logp, r.nfe))(log_likelihood(
+                score_fn, sde, x, trace=trace, rtol=tol, atol=tol, eps=eps,
+                generator=generator(8, device)))
+    if ks is not None:
+        # k-diffusion returns log p of x_ve = x / alpha(eps) in VE space at sigma(eps), with the
+        # prior N(0, sigma(T)^2 I). Change of variables x = alpha x_ve (a D-dim scaling):
+        #     log p_x(x) = log p_ve(x / alpha) + log |det d x_ve / d x|
+        #                = log p_ve(x / alpha) - D log alpha(eps).
+        alpha = sde.marginal_coeffs(torch.tensor(eps, dtype=F64))[0].item()
+
+        def k_run():
+            torch.manual_seed(8)                 # its Rademacher probe: global RNG
+            logp, info = ks.log_likelihood(KDiffusionDenoiser(score_fn, sde), x / alpha,
+                                           sigma_of_t(sde, eps), sigma_of_t(sde, sde.T),
+                                           atol=tol, rtol=tol)
+            return logp - DIM * math.log(alpha), info["fevals"]
+        runs["k-diffusion hutchinson"] = k_run
+    rows, hutchinson = [], None
+    for name, run in runs.items():
+        (logp, nfe), wall = timed(run, device)
+        logp = logp.to(F64)
+        error = logp - truth
+        # On the CPU both Hutchinson estimators draw the same Rademacher probes (torch.randint
+        # from a generator seeded 8), so their difference is the ODE solve's alone.
+        same_probes = None if hutchinson is None else (logp - hutchinson).abs().mean().item()
+        if name == "ours hutchinson":
+            hutchinson = logp
+        rows.append(dict(method=name, sde=sde_name, points=n_points, tol=tol, nfe=nfe,
+                         wall_s=wall, mean_abs_error=error.abs().mean().item(),
+                         mean_error=error.mean().item(), true_mean_logp=truth.mean().item(),
+                         mean_abs_diff_to_ours_hutchinson=same_probes))
+    return rows
+
+
+# ----- output ---------------------------------------------------------------------------------
+def markdown(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def sampling_table(rows) -> str:
+    return markdown(
+        ["sampler", "SDE", "steps", "NFE", "wall (s)", "FD", "FD whitened", "overhead ms/step",
+         "overhead ms/NFE"],
+        [[f"{r.sampler} {r.steps_label}" + (" (k-diffusion)" if r.family != "ours" else ""), r.sde,
+          fmt(r.steps, "d"), fmt(r.nfe, "d"), fmt(r.wall_s, ".2f"),
+          fmt(r.fd, ".4f") if r.error is None else f"failed: {r.error}", fmt(r.fd_whitened, ".3f"),
+          fmt(r.overhead_ms_per_step, ".3f"), fmt(r.overhead_ms_per_nfe, ".3f")] for r in rows])
+
+
+def matched_table(rows, budgets) -> str:
+    """FD by sampler (rows) and NFE budget (columns), one SDE: 'FD / whitened FD (NFE)'."""
+    by_name = {}
+    for r in rows:
+        name = f"{r.sampler} ({r.family})"
+        by_name.setdefault(name, {})[r.budget] = ("failed" if r.error is not None
+                                                  else f"{r.fd:.3f} / {r.fd_whitened:.2f} "
+                                                       f"({r.nfe})")
+    return markdown(["sampler", *[f"NFE <= {b}" for b in budgets]],
+                    [[name, *[cells.get(b, "-") for b in budgets]]
+                     for name, cells in by_name.items()])
+
+
+def overhead_table(rows) -> str:
+    """Median overhead per step and per NFE of each sampler over all its runs (SDEs, budgets)."""
+    groups = {}
+    for r in rows:
+        if r.overhead_ms_per_nfe is not None:
+            groups.setdefault(f"{r.sampler} ({r.family})", []).append(r)
+
+    def median(values):
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+    return markdown(["sampler", "runs", "median overhead ms/step", "median overhead ms/NFE"],
+                    [[name, len(g), fmt(median(r.overhead_ms_per_step for r in g), ".3f"),
+                      fmt(median(r.overhead_ms_per_nfe for r in g), ".3f")]
+                     for name, g in groups.items()])
+
+
+def likelihood_table(rows) -> str:
+    return markdown(["method", "SDE", "points", "NFE", "wall (s)", "mean abs error (nats)",
+                     "mean error (nats)", "mean abs diff to ours hutchinson"],
+                    [[r["method"], r["sde"], r["points"], r["nfe"], f"{r['wall_s']:.2f}",
+                      f"{r['mean_abs_error']:.4f}", f"{r['mean_error']:+.4f}",
+                      fmt(r["mean_abs_diff_to_ours_hutchinson"], ".4f")] for r in rows])
+
+
+# ----- main -----------------------------------------------------------------------------------
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, {platform.system()}, Python {platform.python_version()}"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="N=100 steps (not 1000), NFE budgets 10/20/50, 32 likelihood points")
+    p.add_argument("--samples", type=int, default=2000, help="samples per run (default 2000)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="sampling state dtype (likelihoods always run in float64)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on the CPU")
+    p.add_argument("--sdes", default=",".join(SDES),
+                   help="comma-separated subset of " + ",".join(SDES))
+    p.add_argument("--no-likelihood", action="store_true", help="skip the likelihood comparison")
+    p.add_argument("--out", help="write all rows and settings to this JSON file")
+    p.add_argument("--check-extra", action="store_true",
+                   help="only check that k-diffusion's sampling module imports, and exit")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ks, k_note = load_k_diffusion()
+    if args.check_extra:
+        print("k_diffusion.sampling: OK" if ks else k_note)
+        return 0 if ks else 1
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda, but torch.cuda.is_available() is False")
+    dtype = getattr(torch, args.dtype)
+    N = 100 if args.quick else 1000
+    ald_steps_each = 100                    # NCSN's 10 levels x 100 steps in both modes
+    budgets = (10, 20, 50) if args.quick else (10, 20, 50, 100)
+    n_points = 32 if args.quick else 128
+    tol = 1e-5
+    sde_names = [s for s in args.sdes.split(",") if s]
+    for s in sde_names:
+        if s not in SDES:
+            raise SystemExit(f"unknown SDE {s!r}; valid: {', '.join(SDES)}")
+
+    dist = sde_lib.spread_gaussian(DIM)
+    shape = (args.samples, DIM)
+    reference = Reference(dist, dist.sample(args.samples, dtype=F64,
+                                            generator=torch.Generator().manual_seed(100)))
+    second = dist.sample(args.samples, generator=torch.Generator().manual_seed(101), dtype=F64)
+    floor = frechet_distance(second, reference.x)
+    floor_whitened = frechet_distance(reference.whiten(second), reference.xw)
+    settings = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
+                    machine=machine_description(),
+                    torch=torch.__version__, device=str(device), threads=torch.get_num_threads(),
+                    dtype=args.dtype, samples=args.samples, dim=DIM, N=N, quick=args.quick,
+                    ald_steps_each=ald_steps_each, budgets=list(budgets), sample_eps=SAMPLE_EPS,
+                    likelihood_eps=LIKELIHOOD_EPS, likelihood_points=n_points, likelihood_tol=tol,
+                    sdes={s: repr(SDES[s](N)) for s in sde_names},
+                    k_diffusion=getattr(sys.modules.get("k_diffusion.sampling"), "__file__", None))
+    print("# settings: " + json.dumps(settings))
+    print(f"# floor (FD between two independent true sample sets of {args.samples}): {floor:.4f}, "
+          f"whitened {floor_whitened:.3f}")
+    notes = []
+    if ode_sample is None:
+        notes.append("samplers.ode.ode_sample not importable yet: its rows are skipped")
+    if log_likelihood is None:
+        notes.append("samplers.likelihood.log_likelihood not importable yet: our likelihood "
+                     "rows are skipped")
+    if ks is None:
+        notes.append(k_note)
+    for note in notes:
+        print(f"# note: {note}")
+
+    results = dict(settings=settings, floor=floor, floor_whitened=floor_whitened, standard=[],
+                   matched=[], likelihood=[], notes=notes)
+    for sde_name in sde_names:
+        make_sde = SDES[sde_name]
+        cases, matched = our_cases(dist, make_sde, N, ald_steps_each, shape, dtype, device, budgets)
+        rows = [measure(c, sde_name, reference, device, seed=1) for c in cases]
+        print(f"\n## {sde_name}: standard setting (N={N})\n")
+        print(sampling_table(rows), flush=True)
+        if ks is not None:
+            matched += k_cases(ks, dist, make_sde(N), shape, dtype, device, budgets)
+        matched_rows = [measure(c, sde_name, reference, device, seed=1) for c in matched]
+        print(f"\n## {sde_name}: matched NFE budgets, FD / whitened FD (NFE); floors {floor:.4f} "
+              f"/ {floor_whitened:.2f}\n")
+        print(matched_table(matched_rows, budgets))
+        print(f"\n{sampling_table(matched_rows)}", flush=True)
+        results["standard"] += [asdict(r) for r in rows]
+        results["matched"] += [asdict(r) for r in matched_rows]
+
+    all_rows = [Row(**r) for r in results["standard"] + results["matched"]]
+    print(f"\n## overhead with a trivial score, batch {shape}, {args.dtype}\n")
+    print(overhead_table(all_rows), flush=True)
+
+    if not args.no_likelihood and (log_likelihood is not None or ks is not None):
+        for sde_name in sde_names:
+            results["likelihood"] += likelihood_rows(ks, dist, sde_name, SDES[sde_name](N),
+                                                     n_points, tol, device)
+        print(f"\n## log-likelihood vs the true log p_eps(x), eps={LIKELIHOOD_EPS}, "
+              f"{n_points} points, float64, dopri5 rtol=atol={tol}\n")
+        print(likelihood_table(results["likelihood"]))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        print(f"\n# wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
