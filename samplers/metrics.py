@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["sample_moments", "frechet_from_moments", "frechet_distance"]
+__all__ = ["flat_float64", "sample_moments", "frechet_from_moments", "frechet_distance"]
 
 
-def _flat64(x) -> np.ndarray:
+def flat_float64(x) -> np.ndarray:
     """Samples (B, ...) (tensor or array) as a float64 numpy array (B, D)."""
     if torch.is_tensor(x):
         x = x.detach().to("cpu", torch.float64).numpy()
@@ -31,7 +31,7 @@ def _as_array(v) -> np.ndarray:
 
 def sample_moments(x) -> tuple[np.ndarray, np.ndarray]:
     """Sample mean (D,) and unbiased sample covariance (D, D), float64, of x (B, ...)."""
-    x = _flat64(x)
+    x = flat_float64(x)
     return x.mean(axis=0), np.atleast_2d(np.cov(x, rowvar=False))
 
 

@@ -254,12 +254,20 @@ class VPSDE(SDE):
         lam = torch.as_tensor(lam).to(SCHEDULE_DTYPE)
         return self._time_from_integrated_beta(torch.logaddexp(torch.zeros_like(lam), -lam))
 
+    def _check_ddpm_chain(self) -> None:
+        if self.beta_max / self.N >= 1.0:
+            raise ValueError(f"{self!r}: the DDPM chain's largest beta, beta_max / N = "
+                             f"{self.beta_max / self.N:.3g}, must be < 1; use N > beta_max or a "
+                             "continuous sampler / loss")
+
     def discrete_marginal_coeffs(self, i):
+        self._check_ddpm_chain()
         abar = self._tables.get("alphas_cumprod", i.device)[i]
         return torch.sqrt(abar), torch.sqrt(1.0 - abar)
 
     def discretize(self, x, t):
         """DDPM step x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z (Ho et al. 2020, eq. 2)."""
+        self._check_ddpm_chain()
         t = batch_time(t, x)
         beta = self._tables.get("betas", x.device)[self.time_index(t)]
         f = append_dims((torch.sqrt(1.0 - beta) - 1.0).to(x.dtype), x.ndim) * x

@@ -499,3 +499,16 @@ def test_time_index_inverts_index_time(make_sde, N):
     _, G = sde.discretize(x, float(sde.index_time(torch.tensor(k))))
     _, G_ref = sde.discretize(x.double(), sde.index_time(torch.tensor([k])))
     torch.testing.assert_close(G.double(), G_ref, rtol=1e-6, atol=0)   # float32 round-off
+
+
+def test_ddpm_chain_needs_betas_below_one():
+    """beta_max / N >= 1 has no DDPM chain (sqrt(1 - beta) undefined): a clear error from the
+    discrete functions, while the continuous SDE and sub-VP's Euler-Maruyama chain still work."""
+    sde = sde_lib.VPSDE(N=10)
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"beta_max / N = 2, must be < 1"):
+        sde.discretize(x, 0.5)
+    with pytest.raises(ValueError, match="use N > beta_max"):
+        sde.discrete_marginal_coeffs(torch.tensor([3]))
+    assert torch.isfinite(sde.sde(x, 0.5)[1]).all()
+    assert torch.isfinite(sde_lib.subVPSDE(N=10).discretize(x, 0.5)[1]).all()

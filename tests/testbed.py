@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import sde_lib
+from samplers.metrics import flat_float64, frechet_distance, frechet_from_moments, sample_moments
 from sde_lib import GaussianMixture
 
 __all__ = [
@@ -123,20 +124,6 @@ def ALL_SDES() -> list:
 
 
 # ----- statistics of sample sets ----------------------------------------------------------
-def _flat64(x) -> np.ndarray:
-    """Samples (B, ...) as a float64 numpy array (B, D)."""
-    if torch.is_tensor(x):
-        x = x.detach().to("cpu", torch.float64).numpy()
-    x = np.asarray(x, dtype=np.float64)
-    return x.reshape(x.shape[0], -1)
-
-
-def sample_moments(x) -> tuple[np.ndarray, np.ndarray]:
-    """Sample mean (D,) and unbiased sample covariance (D, D), float64, of x (B, ...)."""
-    x = _flat64(x)
-    return x.mean(axis=0), np.atleast_2d(np.cov(x, rowvar=False))
-
-
 def moment_standard_errors(x) -> tuple[np.ndarray, np.ndarray]:
     """Standard errors of the sample mean (D,) and sample covariance entries (D, D) of x (B, ...).
 
@@ -144,7 +131,7 @@ def moment_standard_errors(x) -> tuple[np.ndarray, np.ndarray]:
     SE(S_ij) = sd((x_i - m_i)(x_j - m_j)) / sqrt(B), which for Gaussian data equals
     sqrt((S_ii S_jj + S_ij^2) / B) and for mixtures accounts for their fourth moments.
     """
-    x = _flat64(x)
+    x = flat_float64(x)
     n = x.shape[0]
     c = x - x.mean(axis=0)
     # sample variance of p_ij = c_i c_j over the B samples, without a (B, D, D) array
@@ -169,40 +156,6 @@ def moment_zscores(x, mean, cov, *, mean_allowance=0.0, cov_allowance=0.0):
     z_mean = np.maximum(np.abs(m - mean) - mean_allowance, 0.0) / se_mean
     z_cov = np.maximum(np.abs(s - cov) - cov_allowance, 0.0) / se_cov
     return z_mean, z_cov
-
-
-def _sym_sqrt(a: np.ndarray) -> np.ndarray:
-    """Symmetric PSD square root via eigh, negative round-off eigenvalues clamped to 0."""
-    vals, vecs = np.linalg.eigh(0.5 * (a + a.T))
-    return (vecs * np.sqrt(np.clip(vals, 0.0, None))) @ vecs.T
-
-
-def frechet_from_moments(mu1, cov1, mu2, cov2) -> float:
-    """Frechet (2-Wasserstein squared) distance between N(mu1, cov1) and N(mu2, cov2):
-
-        |mu1 - mu2|^2 + tr(cov1 + cov2 - 2 (cov1^{1/2} cov2 cov1^{1/2})^{1/2}),
-
-    in float64. The matrix square roots are symmetric eigen-decompositions, so the result
-    is real and >= 0 (up to round-off) even for singular or badly conditioned covariances,
-    unlike sqrtm(cov1 @ cov2). mu: (D,), cov: (D, D); tensors or arrays.
-    """
-    def arr(v):
-        return np.asarray(torch.as_tensor(v, dtype=F64).cpu().numpy(), dtype=np.float64)
-    mu1, mu2 = arr(mu1).reshape(-1), arr(mu2).reshape(-1)
-    cov1, cov2 = np.atleast_2d(arr(cov1)), np.atleast_2d(arr(cov2))
-    root1 = _sym_sqrt(cov1)
-    middle = root1 @ cov2 @ root1
-    vals = np.linalg.eigvalsh(0.5 * (middle + middle.T))
-    cross = np.sqrt(np.clip(vals, 0.0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2.0 * cross)
-
-
-def frechet_distance(x, y) -> float:
-    """Gaussian Frechet distance between two sample sets x (B1, ...) and y (B2, ...) of the same
-    event size D (flattened): frechet_from_moments of their sample means and covariances."""
-    mu1, cov1 = sample_moments(x)
-    mu2, cov2 = sample_moments(y)
-    return frechet_from_moments(mu1, cov1, mu2, cov2)
 
 
 def gaussian_frechet_to(dist: GaussianMixture, x) -> float:
