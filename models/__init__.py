@@ -13,11 +13,13 @@ from .fir import (FIRConv2d, conv_downsample_2d, downsample_2d, setup_kernel, up
                   upsample_2d, upsample_conv_2d)
 from .mlp import MLPScoreNet
 from .score import VP_TIME_SCALE, get_score_fn
+from .ddpm import DDPM, convert_score_sde_state_dict, load_state_dict_strict
 
 __all__ = ["MODELS", "build_model", "build_score_fn", "data_shape", "get_score_fn",
            "MLPScoreNet", "GaussianFourierProjection", "sinusoidal_embedding", "VP_TIME_SCALE",
            "upfirdn2d", "setup_kernel", "upsample_2d", "downsample_2d", "upsample_conv_2d",
-           "conv_downsample_2d", "FIRConv2d", "ExponentialMovingAverage"]
+           "conv_downsample_2d", "FIRConv2d", "ExponentialMovingAverage",
+           "DDPM", "convert_score_sde_state_dict", "load_state_dict_strict"]
 
 
 def data_shape(config) -> tuple[int, ...]:
@@ -36,9 +38,19 @@ def _mlp_kwargs(config) -> dict:
                 fourier_scale=m.fourier_scale, num_classes=m.get("num_classes") or None)
 
 
+def _ddpm_kwargs(config) -> dict:
+    m, d = config.model, config.data
+    return dict(nf=m.nf, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+                attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
+                resamp_with_conv=m.resamp_with_conv, conditional=m.conditional,
+                image_size=d.image_size, num_channels=d.num_channels,
+                num_classes=m.get("num_classes") or None)
+
+
 #: config.model.name -> (network class, function config -> its keyword arguments).
 MODELS = {
     "mlp": (MLPScoreNet, _mlp_kwargs),
+    "ddpm": (DDPM, _ddpm_kwargs),
 }
 
 

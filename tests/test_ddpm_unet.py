@@ -1,0 +1,249 @@
+"""The DDPM U-Net (models/ddpm.py): the Score SDE checkpoint layout, shapes, conditioning,
+a short training run on a tiny config, and the checkpoint helpers.
+
+The parameter count and the key names / shapes below are facts of the official PyTorch Score
+SDE code (yang-song/score_sde_pytorch, models/ddpm.py + models/layers.py) with its CIFAR-10
+DDPM config (configs/vp/ddpm/cifar10.py): an instance of that code built on the CPU has
+35,218,947 parameters and the same 308 state-dict entries, in the same order, plus the
+``sigmas`` buffer of shape (1000,) that the converter drops.
+"""
+import math
+
+import pytest
+import torch
+from ml_collections import ConfigDict
+
+import models
+import sde_lib
+from models.ddpm import AttnBlock
+
+OFFICIAL_NUM_PARAMS = 35_218_947
+
+#: (key, shape) pairs from the official model's state_dict().
+OFFICIAL_KEYS = [
+    ("all_modules.0.weight", (512, 128)),            # time embedding Dense(nf, 4 nf)
+    ("all_modules.0.bias", (512,)),
+    ("all_modules.1.weight", (512, 512)),            # time embedding Dense(4 nf, 4 nf)
+    ("all_modules.1.bias", (512,)),
+    ("all_modules.2.weight", (128, 3, 3, 3)),        # first conv
+    ("all_modules.2.bias", (128,)),
+    ("all_modules.3.GroupNorm_0.weight", (128,)),    # first ResnetBlockDDPM
+    ("all_modules.3.Conv_0.weight", (128, 128, 3, 3)),
+    ("all_modules.3.Dense_0.weight", (128, 512)),
+    ("all_modules.3.Conv_1.weight", (128, 128, 3, 3)),
+    ("all_modules.5.Conv_0.weight", (128, 128, 3, 3)),   # Downsample 32 -> 16
+    ("all_modules.6.NIN_0.W", (128, 256)),           # channel change shortcut
+    ("all_modules.7.GroupNorm_0.weight", (256,)),    # attention at 16x16
+    ("all_modules.7.NIN_0.W", (256, 256)),
+    ("all_modules.7.NIN_0.b", (256,)),
+    ("all_modules.7.NIN_3.W", (256, 256)),
+    ("all_modules.7.NIN_3.b", (256,)),
+    ("all_modules.17.NIN_2.W", (256, 256)),          # middle attention
+    ("all_modules.19.NIN_0.W", (512, 256)),          # first up block (concat 256 + 256)
+    ("all_modules.29.NIN_0.W", (384, 256)),
+    ("all_modules.31.Conv_0.weight", (256, 256, 3, 3)),  # Upsample 16 -> 32
+    ("all_modules.32.NIN_0.W", (384, 128)),
+    ("all_modules.35.weight", (128,)),               # final GroupNorm
+    ("all_modules.36.weight", (3, 128, 3, 3)),       # last conv
+    ("all_modules.36.bias", (3,)),
+]
+
+
+def official_config(**model_overrides):
+    """The config names of configs/vp/ddpm/cifar10.py (model) and the CIFAR-10 default (data)."""
+    model = dict(name="ddpm", nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                 attn_resolutions=(16,), dropout=0.1, resamp_with_conv=True, conditional=True,
+                 scale_by_sigma=False)
+    model.update(model_overrides)
+    return ConfigDict(dict(model=model, data=dict(image_size=32, num_channels=3, centered=True),
+                           training=dict(continuous=False)))
+
+
+def tiny_config(**model_overrides):
+    cfg = official_config(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                          **model_overrides)
+    cfg.data.image_size = 8
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def official_model():
+    torch.manual_seed(0)
+    return models.build_model(official_config())
+
+
+def test_official_cifar10_parameter_count(official_model):
+    assert sum(p.numel() for p in official_model.parameters()) == OFFICIAL_NUM_PARAMS
+
+
+def test_official_key_names_and_shapes(official_model):
+    state = official_model.state_dict()
+    assert len(state) == 308
+    for key, shape in OFFICIAL_KEYS:
+        assert key in state, key
+        assert tuple(state[key].shape) == shape, key
+    assert list(state)[-1] == "all_modules.36.bias"
+    assert len(official_model.all_modules) == 37
+    norms = [m for m in official_model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 32 and m.eps == 1e-6 for m in norms)
+
+
+def test_official_init(official_model):
+    """DDPM's variance-scaling init (fan_avg, uniform) and its near-zero output layers."""
+    w = official_model.all_modules[2].weight  # fan_in 3*9, fan_out 128*9
+    bound = math.sqrt(3.0 / ((3 * 9 + 128 * 9) / 2))
+    assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
+    assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    # init_scale=0 means variance scale 1e-10: |w| <= sqrt(3e-10 / fan_avg) ~ 1e-6
+    last = official_model.all_modules[36].weight  # fan_avg (128 + 3) * 9 / 2
+    assert 0 < last.abs().max() <= math.sqrt(3e-10 / ((128 + 3) * 9 / 2))
+    assert official_model.all_modules[7].NIN_3.W.abs().max() <= math.sqrt(3e-10 / 256)
+    assert official_model.all_modules[3].Conv_1.weight.abs().max() <= math.sqrt(3e-10 / 1152)
+    assert torch.count_nonzero(official_model.all_modules[3].Dense_0.bias) == 0
+
+
+def test_official_forward_shape(official_model):
+    official_model.eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        out = official_model(x, torch.tensor([500]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_attention_matches_einsum_reference():
+    """The attention block computes softmax(q.k / sqrt(C)) v over all pixels, written here as
+    in the DDPM reference code."""
+    torch.manual_seed(1)
+    block = AttnBlock(32)
+    with torch.no_grad():
+        block.NIN_3.W.normal_()
+    x = torch.randn(2, 32, 4, 4)
+    h = block.GroupNorm_0(x)
+    q, k, v = block.NIN_0(h), block.NIN_1(h), block.NIN_2(h)
+    w = torch.einsum("bchw,bcij->bhwij", q, k) * 32 ** -0.5
+    w = torch.softmax(w.reshape(2, 4, 4, 16), dim=-1).reshape(2, 4, 4, 4, 4)
+    expected = x + block.NIN_3(torch.einsum("bhwij,bcij->bchw", w, v))
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def _perturb_zero_init(model, seed=0):
+    """The official init makes the last layer of every residual branch (ResnetBlock Conv_1,
+    attention NIN_3) and the output conv ~0 (variance scale 1e-10). The time embedding enters
+    only before Conv_1, so at init it cannot change the output; give those layers weights."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2 and p.abs().max() < 1e-5:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def test_time_conditioning_changes_output():
+    torch.manual_seed(0)
+    model = models.build_model(tiny_config()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        at_init = model(x, torch.tensor([10, 900]))
+        assert at_init.abs().max() < 1e-4  # zero-initialised output conv
+        _perturb_zero_init(model)
+        a = model(x, torch.tensor([10, 10]))
+        b = model(x, torch.tensor([900, 900]))
+        c = model(x, torch.tensor([10.0, 10.0]))  # float and long step indices agree
+    assert (a - b).abs().mean() > 1e-3 * a.abs().mean()
+    torch.testing.assert_close(a, c)
+
+
+def test_class_conditioning_adds_one_embedding():
+    torch.manual_seed(0)
+    plain = models.build_model(tiny_config())
+    model = models.build_model(tiny_config(num_classes=10)).eval()
+    extra = set(model.state_dict()) - set(plain.state_dict())
+    assert extra == {"class_embedding.weight"}
+    assert tuple(model.class_embedding.weight.shape) == (10, 64)
+    _perturb_zero_init(model)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([100, 100])
+    with torch.no_grad():
+        a = model(x, t, torch.tensor([0, 0]))
+        b = model(x, t, torch.tensor([3, 3]))
+    assert (a - b).abs().mean() > 1e-3 * a.abs().mean()
+    with pytest.raises(ValueError, match="class_labels"):
+        model(x, t)
+    with pytest.raises(ValueError, match="class_labels"):
+        plain(x, t, torch.tensor([0, 0]))
+
+
+def test_tiny_ddpm_training_lowers_epsilon_loss():
+    torch.manual_seed(0)
+    model = models.build_model(tiny_config())
+    sde = sde_lib.VPSDE(N=100)
+    loss_fn = sde_lib.get_loss_fn(sde, continuous=False)
+    score_fn = models.get_score_fn(sde, model, continuous=False)
+    x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+    def fixed_loss():  # same timesteps and noise every call
+        return loss_fn(score_fn, x, generator=torch.Generator().manual_seed(2))
+
+    model.eval()
+    with torch.no_grad():
+        before = fixed_loss().item()
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(15):
+        opt.zero_grad()
+        loss = fixed_loss()
+        loss.backward()
+        assert model.all_modules[-1].weight.grad.abs().sum() > 0
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = fixed_loss().item()
+    print(f'tiny DDPM epsilon loss {before:.4f} -> {after:.4f}')
+    assert math.isfinite(before) and after < 0.8 * before, (before, after)
+
+
+def test_wrong_shape_names_first_mismatching_key():
+    model = models.build_model(tiny_config())
+    state = model.state_dict()
+    first, later = "all_modules.3.Conv_0.weight", "all_modules.6.NIN_0.W"
+    assert list(state).index(first) < list(state).index(later)
+    state[later] = torch.zeros(1, 2)
+    state[first] = torch.zeros(state[first].shape[0], 1, 3, 3)
+    with pytest.raises(ValueError, match=r"all_modules\.3\.Conv_0\.weight") as err:
+        models.load_state_dict_strict(model, state)
+    assert later not in str(err.value)
+    good = model.state_dict()
+    del good["all_modules.0.bias"]
+    with pytest.raises(ValueError, match=r"missing key 'all_modules\.0\.bias'"):
+        models.load_state_dict_strict(model, good)
+    good = dict(model.state_dict(), extra=torch.zeros(1))
+    with pytest.raises(ValueError, match="unexpected key 'extra'"):
+        models.load_state_dict_strict(model, good)
+
+
+def test_converter_round_trip_from_score_sde_checkpoint():
+    """An official-style checkpoint: DataParallel 'module.' keys plus the 'sigmas' buffer,
+    inside the dict their save_checkpoint writes."""
+    torch.manual_seed(0)
+    source = models.build_model(tiny_config())
+    state = {"module." + k: v.clone() for k, v in source.state_dict().items()}
+    state["module.sigmas"] = torch.linspace(50.0, 0.01, 1000)
+    checkpoint = {"model": state, "ema": {}, "optimizer": {}, "step": 7}
+    torch.manual_seed(1)
+    target = models.build_model(tiny_config())
+    converted = models.convert_score_sde_state_dict(checkpoint)
+    assert "sigmas" not in converted and not any(k.startswith("module.") for k in converted)
+    target.load_state_dict(converted, strict=True)
+    models.load_state_dict_strict(target, models.convert_score_sde_state_dict(state))
+    for (k, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_registry_and_bad_configs():
+    assert models.MODELS["ddpm"][0] is models.DDPM
+    with pytest.raises(ValueError, match="divisible"):
+        models.DDPM(nf=16, ch_mult=(1, 2, 2, 2), image_size=12)
+    with pytest.raises(ValueError, match=r"shape \(B, 3, 8, 8\)"):
+        models.build_model(tiny_config())(torch.zeros(1, 3, 16, 16), torch.zeros(1))
+    unconditional = models.build_model(tiny_config(conditional=False)).eval()
+    assert not any("Dense_0" in k for k in unconditional.state_dict())
+    with torch.no_grad():
+        assert unconditional(torch.zeros(1, 3, 8, 8), torch.zeros(1)).shape == (1, 3, 8, 8)
