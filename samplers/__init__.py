@@ -10,6 +10,7 @@ All of them use the one reverse-time drift of ``sde_lib`` (``SDE.reverse``).
 """
 from .ald import ald_sample
 from .common import SampleResult
+from .fast import DPM_ALGORITHMS, SPACINGS, ddim_sample, dpm_solver_sample, timesteps
 from .from_config import SAMPLERS, sample_from_config
 from .likelihood import (PROBE_NOISES, TRACE_ESTIMATORS, BitsPerDimResult, LikelihoodResult,
                          bits_per_dim, log_likelihood)
@@ -18,4 +19,5 @@ from .pc import CORRECTORS, PREDICTORS, langevin_step_factor, pc_sample
 
 __all__ = ["SampleResult", "pc_sample", "ald_sample", "ode_sample", "log_likelihood",
            "bits_per_dim", "LikelihoodResult", "BitsPerDimResult", "PREDICTORS", "CORRECTORS",
-           "ODE_METHODS", "TRACE_ESTIMATORS", "PROBE_NOISES", "langevin_step_factor", "SAMPLERS", "sample_from_config"]
+           "ODE_METHODS", "TRACE_ESTIMATORS", "PROBE_NOISES", "langevin_step_factor", "SAMPLERS", "sample_from_config",
+           "ddim_sample", "dpm_solver_sample", "timesteps", "SPACINGS", "DPM_ALGORITHMS"]
