@@ -315,24 +315,43 @@ class DDPM(nn.Module):
 _DROPPED_KEYS = ("sigmas",)
 
 
-def convert_score_sde_state_dict(state: dict) -> dict:
+def convert_score_sde_state_dict(state: dict, *, ema: bool = False) -> dict:
     """Turn a Score SDE (yang-song/score_sde_pytorch) DDPM checkpoint into our state dict.
 
     Accepts the whole checkpoint (a dict with a ``'model'`` entry, as their ``save_checkpoint``
-    writes) or the model state dict itself. Strips the ``module.`` prefix that their
-    ``nn.DataParallel`` wrapper adds and drops the unused ``sigmas`` buffer; every other key
-    is kept unchanged, so the result loads with ``strict=True``. (Their EMA weights are
-    ``checkpoint['ema']['shadow_params']``, a list in ``model.parameters()`` order, which is
-    the same order here.)
+    writes: ``{'model', 'ema', 'optimizer', 'step'}``) or the model state dict itself. Strips
+    the ``module.`` prefix that their ``nn.DataParallel`` wrapper adds and drops the unused
+    ``sigmas`` buffer; every other key is kept unchanged, so the result loads with
+    ``strict=True`` (use ``load_state_dict_strict`` for a message naming a bad key).
+
+    ``ema=True`` (whole checkpoints only) returns the EMA weights instead: their
+    ``checkpoint['ema']['shadow_params']`` is a bare list in ``model.parameters()`` order; for
+    DDPM every state-dict entry but ``sigmas`` is a parameter, in that same order (checked
+    against their code), so the list is matched to the model's keys one to one.
     """
+    checkpoint = state
     if "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    elif ema:
+        raise ValueError("ema=True needs the whole checkpoint (a dict with 'model' and 'ema')")
     out = {}
     for key, value in state.items():
         key = key[len("module."):] if key.startswith("module.") else key
         if key not in _DROPPED_KEYS:
             out[key] = value
-    return out
+    if not ema:
+        return out
+    shadow = checkpoint.get("ema", {}).get("shadow_params")
+    if shadow is None:
+        raise ValueError("checkpoint has no ema['shadow_params']")
+    if len(shadow) != len(out):
+        raise ValueError(f"ema['shadow_params'] has {len(shadow)} tensors but the model state "
+                         f"has {len(out)} parameters")
+    for (key, value), avg in zip(out.items(), shadow):
+        if tuple(avg.shape) != tuple(value.shape):
+            raise ValueError(f"EMA tensor for {key!r} has shape {tuple(avg.shape)}, the model "
+                             f"has {tuple(value.shape)}")
+    return dict(zip(out, shadow))
 
 
 def load_state_dict_strict(model: nn.Module, state: dict) -> None:

@@ -226,7 +226,10 @@ def test_converter_round_trip_from_score_sde_checkpoint():
     source = models.build_model(tiny_config())
     state = {"module." + k: v.clone() for k, v in source.state_dict().items()}
     state["module.sigmas"] = torch.linspace(50.0, 0.01, 1000)
-    checkpoint = {"model": state, "ema": {}, "optimizer": {}, "step": 7}
+    shadow = [p.detach() + 1.0 for p in source.parameters()]  # their EMA: a list, parameters()
+    checkpoint = {"model": state, "ema": {"decay": 0.9999, "num_updates": 7,
+                                          "shadow_params": shadow},
+                  "optimizer": {}, "step": 7}
     torch.manual_seed(1)
     target = models.build_model(tiny_config())
     converted = models.convert_score_sde_state_dict(checkpoint)
@@ -235,6 +238,13 @@ def test_converter_round_trip_from_score_sde_checkpoint():
     models.load_state_dict_strict(target, models.convert_score_sde_state_dict(state))
     for (k, a), b in zip(source.state_dict().items(), target.state_dict().values()):
         assert torch.equal(a, b), k
+    models.load_state_dict_strict(target, models.convert_score_sde_state_dict(checkpoint,
+                                                                             ema=True))
+    for (k, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+        assert torch.equal(a + 1.0, b), k
+    checkpoint["ema"]["shadow_params"] = shadow[1:]
+    with pytest.raises(ValueError, match="shadow_params"):
+        models.convert_score_sde_state_dict(checkpoint, ema=True)
 
 
 def test_registry_and_bad_configs():
