@@ -480,7 +480,9 @@ def test_build_sde_errors():
 @pytest.mark.parametrize("make_sde", SDE_PARAMS)
 @pytest.mark.parametrize("N", [1, 2, 7, 1000, 4096])
 def test_time_index_inverts_index_time(make_sde, N):
-    sde = type(make_sde())(N=N)
+    cls = type(make_sde())
+    # a DDPM chain needs beta_max / N < 1 (test_ddpm_chain_needs_betas_below_one)
+    sde = cls(N=N, beta_max=0.5) if cls is sde_lib.VPSDE and N <= 20 else cls(N=N)
     i = torch.arange(N)
     t = sde.index_time(i)
     assert t.dtype == F64 and t[0] == 0 and (N == 1 or abs(t[-1].item() - sde.T) < 1e-15)
