@@ -185,6 +185,32 @@ def test_ddim_eta0_equals_first_order_dpm_solver(sde_name, algorithm):
     assert a.nfe == b.nfe == 8
 
 
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("sde_name", SDES)
+def test_ddim_eta1_step_is_the_exact_posterior(sde_name, eta):
+    """With point-mass data x0 the predictions are exact (x0_hat = x0), so one DDIM step from
+    x_t ~ p_t to s must have the joint law of the forward process: Var(x_s) = std_s^2 for every
+    eta, and with eta = 1 (the posterior q(x_s | x_t, x0)) Cov(x_s, x_t) = alpha_t/alpha_s
+    std_s^2, as x_t = (alpha_t/alpha_s) x_s + independent noise; with eta = 0,
+    Cov = std_s std_t (x_s a deterministic function of x_t). 20000 samples, z-scores < 5."""
+    sde = SDES[sde_name]()
+    x0, n, s_time = 0.7, 20000, 0.3
+
+    def score(x, t):
+        alpha, std = sde.marginal_coeffs(t)
+        return -(x - alpha[:, None] * x0) / std[:, None] ** 2
+
+    (a_t, a_s), (sd_t, sd_s) = sde.marginal_coeffs(torch.tensor([1.0, s_time], dtype=F64))
+    x_t = a_t * x0 + sd_t * torch.randn(n, 2, generator=torch.Generator().manual_seed(7), dtype=F64)
+    x_s = ddim_sample(score, sde, (n, 2), num_steps=1, eta=eta, eps=s_time, x_init=x_t,
+                      denoise=False, generator=torch.Generator().manual_seed(8)).x
+    cs, ct = x_s - a_s * x0, x_t - a_t * x0
+    cov = a_t / a_s * sd_s ** 2 if eta == 1.0 else sd_s * sd_t
+    for product, expected in ((cs * cs, sd_s ** 2), (cs * ct, cov)):
+        z = (product.mean(0) - expected) / (product.std(0) / math.sqrt(n))
+        assert z.abs().max() < 5, (z, expected)
+
+
 # ----- distributions ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gaussian():
