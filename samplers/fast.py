@@ -134,6 +134,11 @@ class _Model:
         return data_prediction(score, x, alpha, std) if self.data else noise_prediction(score, std)
 
 
+def _denoise(counter: CountingScore, sde: SDE, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The final Tweedie step at eps (``ode.tweedie_denoise``), in the state's dtype."""
+    return tweedie_denoise(lambda y, t: counter(y, t).to(y.dtype), sde, x, eps)
+
+
 def _setup(score_fn, sde, shape, num_steps, spacing, eps, generator, device, dtype, x_init):
     num_steps = _check_int("num_steps", num_steps, 1)
     eps = _check_eps(sde, eps)
@@ -202,7 +207,7 @@ def ddim_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, eta
                 if callback is not None:
                     callback({"step": i, "t": t[i + 1], "x": x})
             if denoise:
-                x = tweedie_denoise(counter, sde, x, eps)
+                x = _denoise(counter, sde, x, eps)
     finally:
         bar.close()
     return SampleResult(x=x, nfe=counter.nfe)
@@ -308,7 +313,7 @@ def dpm_solver_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 2
                 if callback is not None:
                     callback({"step": i, "t": t[t_idx], "x": x})
             if denoise:
-                x = tweedie_denoise(counter, sde, x, eps)
+                x = _denoise(counter, sde, x, eps)
     finally:
         bar.close()
     return SampleResult(x=x, nfe=counter.nfe)
