@@ -34,8 +34,8 @@ from .common import (CountingScore, NonFiniteGuard, SampleResult, check_choice, 
                      progress_bar, std_normal_like)
 from .ode import tweedie_denoise
 
-__all__ = ["timesteps", "ddim_sample", "dpm_solver_sample", "SPACINGS", "DPM_ALGORITHMS", "WARMUPS",
-           "data_prediction", "noise_prediction"]
+__all__ = ["timesteps", "ddim_sample", "dpm_solver_sample", "SPACINGS", "DPM_ALGORITHMS",
+           "WARMUPS", "data_prediction", "noise_prediction"]
 
 #: Valid ``spacing`` names of ``timesteps``.
 SPACINGS = ("logsnr", "uniform", "karras")

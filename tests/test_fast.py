@@ -3,7 +3,8 @@
 Convergence orders are measured against the exact probability-flow ODE solution for Gaussian
 data N(mu, diag(s^2)): per coordinate the ODE maps x_T to
 
-    x_t = alpha_t mu + sqrt(alpha_t^2 s^2 + std_t^2) / sqrt(alpha_T^2 s^2 + std_T^2) (x_T - alpha_T mu),
+    x_t = alpha_t mu + sqrt(alpha_t^2 s^2 + std_t^2) / sqrt(alpha_T^2 s^2 + std_T^2)
+                       * (x_T - alpha_T mu),
 
 so from a fixed x_T the error at eps (denoise=False) must fall like num_steps^-order.
 Distribution checks compare Frechet distances on the 64-D spread Gaussian (exact score) with
@@ -292,8 +293,8 @@ def test_float32_state_matches_float64(sde_name):
 def test_reproducible_with_generator():
     sde = sde_lib.VESDE(0.01, 20.0)
     score = gaussian_score(sde)
-    a = ddim_sample(score, sde, (4, 4), num_steps=6, eta=1.0, generator=torch.Generator().manual_seed(5))
-    b = ddim_sample(score, sde, (4, 4), num_steps=6, eta=1.0, generator=torch.Generator().manual_seed(5))
+    a, b = (ddim_sample(score, sde, (4, 4), num_steps=6, eta=1.0,
+                        generator=torch.Generator().manual_seed(5)) for _ in range(2))
     assert torch.equal(a.x, b.x)
 
 
