@@ -9,12 +9,13 @@ from sde_lib import SDE
 
 from .ald import ald_sample
 from .common import SampleResult, check_choice
+from .fast import ddim_sample, dpm_solver_sample
 from .ode import ode_sample
 from .pc import pc_sample
 
 __all__ = ["SAMPLERS", "sample_from_config"]
 
-SAMPLERS = ("pc", "ald", "ode")
+SAMPLERS = ("pc", "ald", "ode", "ddim", "dpm_solver")
 
 
 def sample_from_config(sampling, score_fn: Callable, sde: SDE, shape, *,
@@ -25,7 +26,8 @@ def sample_from_config(sampling, score_fn: Callable, sde: SDE, shape, *,
 
     Keys of the ``sampling`` config group: predictor, corrector, snr, n_steps_each,
     noise_removal, eps (pc); n_steps_each, step_lr, noise_removal (ald); ode_method, rtol,
-    atol, eps, noise_removal (ode).
+    atol, eps, noise_removal (ode); num_steps, spacing, eta, eps, noise_removal (ddim);
+    num_steps, spacing, order, multistep, algorithm, eps, noise_removal (dpm_solver).
     """
     method = method or sampling.method
     check_choice("sampler", method, SAMPLERS)
@@ -38,6 +40,13 @@ def sample_from_config(sampling, score_fn: Callable, sde: SDE, shape, *,
     if method == "ald":
         return ald_sample(score_fn, sde, shape, n_steps_each=sampling.n_steps_each,
                           step_lr=sampling.step_lr, denoise=sampling.noise_removal, **common)
-    return ode_sample(score_fn, sde, shape, method=sampling.ode_method, rtol=sampling.rtol,
-                      atol=sampling.atol, eps=sampling.eps, denoise=sampling.noise_removal,
-                      **common)
+    if method == "ode":
+        return ode_sample(score_fn, sde, shape, method=sampling.ode_method, rtol=sampling.rtol,
+                          atol=sampling.atol, eps=sampling.eps, denoise=sampling.noise_removal,
+                          **common)
+    fast = dict(num_steps=sampling.num_steps, spacing=sampling.spacing, eps=sampling.eps,
+                denoise=sampling.noise_removal, **common)
+    if method == "ddim":
+        return ddim_sample(score_fn, sde, shape, eta=sampling.eta, **fast)
+    return dpm_solver_sample(score_fn, sde, shape, order=sampling.order,
+                             multistep=sampling.multistep, algorithm=sampling.algorithm, **fast)

@@ -213,7 +213,7 @@ def test_main_train_mode_end_to_end(tmp_path):
     small = ["--config.sde.num_scales=20", "--config.sampling.num_samples=64",
              "--config.sampling.n_steps_each=2", "--config.eval.likelihood_samples=16",
              "--config.sampling.rtol=1e-3", "--config.sampling.atol=1e-3"]
-    for sampler in ("pc", "ode"):
+    for sampler in ("pc", "ode", "ddim", "dpm_solver"):
         done = subprocess.run(cmd[:3] + ["sample", "--sampler", sampler] + cmd[4:] + small,
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]

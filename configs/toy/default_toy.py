@@ -60,6 +60,12 @@ def get_default_configs():
     sampling.ode_method = "dopri5"
     sampling.rtol = 1e-5
     sampling.atol = 1e-5
+    sampling.num_steps = 20         # ddim, dpm_solver
+    sampling.spacing = "logsnr"     # logsnr | uniform | karras
+    sampling.eta = 0.0              # ddim: 0 deterministic, 1 ancestral
+    sampling.order = 2              # dpm_solver: 1, 2, 3
+    sampling.multistep = True
+    sampling.algorithm = "dpmsolver++"
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.num_samples = 8192     # samples for the score error against the exact score
