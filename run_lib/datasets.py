@@ -1,0 +1,434 @@
+"""Image data sets for training and evaluation: readers, scaling and a shardable batch iterator.
+
+Every reader returns ``(images, labels)``: ``images`` a uint8 numpy array (N, C, H, W) with
+values 0..255, ``labels`` an int64 array (N,). ``build_dataset(config, split)`` turns the
+config's data group into an ``ImageDataset`` (a torch Dataset of uint8 images) whose
+``batches(...)`` yields float batches scaled for the network.
+
+Data sets (``config.data.name``):
+
+- ``digits``: the 8x8 handwritten digits that ship inside scikit-learn (1797 images, no
+  download). Pixel values 0..16 become uint8 ``round(x * 255 / 16)`` (0 -> 0, 8 -> 128,
+  16 -> 255; the one tie, x = 8 -> 127.5, rounds to even: 128). Split: the first 1500
+  images are ``train``, the last 297 ``test`` (scikit-learn's fixed order: the same split
+  on every machine).
+- ``cifar10``: the standard python archive ``cifar-10-python.tar.gz`` (or its extracted
+  folder ``cifar-10-batches-py``) in ``config.data.data_dir``. Downloaded from the official
+  URL only when it is missing and a download is allowed (``config.data.download``).
+- ``mnist``: the standard IDX files (``train-images-idx3-ubyte`` etc., optionally ``.gz``)
+  in ``config.data.data_dir``. Never downloaded.
+- ``folder``: PNG/JPEG images under ``config.data.data_dir`` (``<data_dir>/<split>/`` when
+  that folder exists), resized and center-cropped to ``image_size``; labels from the first
+  level of subfolders (sorted), 0 when the images lie directly in the folder.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["DATASETS", "ImageDataset", "build_dataset", "load_digits_images", "load_cifar10",
+           "load_mnist", "load_image_folder", "read_idx", "restricted_loads", "preprocess",
+           "shard_indices", "CIFAR10_URL", "CIFAR10_MD5"]
+
+SPLITS = ("train", "test")
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+DIGITS_NUM_TEST = 297
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+
+
+# ----------------------------------------------------------------------------- digits
+
+def load_digits_images(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits as uint8 (N, 1, 8, 8) images and int64 labels.
+
+    0..16 -> round(x * 255 / 16). ``train``: the first 1500 of the 1797 images; ``test``:
+    the last 297 (scikit-learn's fixed order).
+    """
+    _check_split(split)
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    values = np.asarray(digits.images, dtype=np.float64)            # (1797, 8, 8), 0..16
+    images = np.rint(values * 255.0 / 16.0).astype(np.uint8)[:, None]
+    labels = np.asarray(digits.target, dtype=np.int64)
+    cut = len(images) - DIGITS_NUM_TEST
+    part = slice(None, cut) if split == "train" else slice(cut, None)
+    return np.ascontiguousarray(images[part]), labels[part].copy()
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+
+def _latin1_encode(text, encoding="latin1"):
+    # Python 3 pickles bytes with protocol < 3 as _codecs.encode(str, 'latin1'); nothing else.
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError("refused _codecs.encode call other than latin1 of a str")
+    return text.encode("latin1")
+
+
+def _allowed_globals() -> dict:
+    reconstruct = np.empty(0).__reduce__()[0]       # numpy's _reconstruct, under any numpy
+    return {("numpy.core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype,
+            ("_codecs", "encode"): _latin1_encode}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles only what the CIFAR batches hold: dicts, lists, bytes/str, ints and numpy
+    arrays. Every other global (os.system, builtins.eval, ...) is refused before it is
+    looked up, so a malicious pickle cannot run code."""
+
+    def find_class(self, module, name):
+        allowed = _allowed_globals().get((module, name))
+        if allowed is None:
+            raise pickle.UnpicklingError(
+                f"refused to unpickle global {module}.{name}: "
+                "a CIFAR-10 batch holds only dicts, lists and numpy arrays")
+        return allowed
+
+
+def restricted_loads(data: bytes):
+    """``pickle.loads(data, encoding='bytes')`` limited to the globals of a CIFAR batch."""
+    return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+
+
+def _parse_cifar_batch(raw: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
+    batch = restricted_loads(raw)
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise ValueError(f"{source} is not a CIFAR-10 batch (a dict with b'data' and b'labels')")
+    data = np.asarray(batch[b"data"])
+    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    if (data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072
+            or len(labels) != len(data)):
+        raise ValueError(f"{source}: expected uint8 data (N, 3072) and N labels, got "
+                         f"{data.dtype} {data.shape} and {labels.shape}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _read_cifar(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    parts = []
+    if path.is_dir():
+        for name in CIFAR10_BATCHES[split]:
+            member = path / name
+            if not member.is_file():
+                raise FileNotFoundError(f"CIFAR-10 batch {member} is missing")
+            parts.append(_parse_cifar_batch(member.read_bytes(), str(member)))
+    else:
+        # Read the members in memory: nothing is extracted, so no path in the archive is used.
+        with tarfile.open(path, "r:*") as tar:
+            for name in CIFAR10_BATCHES[split]:
+                member_name = f"{CIFAR10_FOLDER}/{name}"
+                try:
+                    member = tar.getmember(member_name)
+                except KeyError:
+                    raise FileNotFoundError(f"{path} has no member {member_name}") from None
+                if not member.isfile():
+                    raise ValueError(f"{path}: {member_name} is not a regular file")
+                parts.append(_parse_cifar_batch(tar.extractfile(member).read(),
+                                                f"{path}:{member_name}"))
+    images = np.ascontiguousarray(np.concatenate([p[0] for p in parts]))
+    return images, np.concatenate([p[1] for p in parts])
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_cifar10(data_dir) -> Path:
+    """Download the official archive into ``data_dir`` (temporary file, md5 check, rename)."""
+    target = Path(data_dir) / CIFAR10_ARCHIVE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{CIFAR10_ARCHIVE}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(CIFAR10_URL, timeout=60) as response:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                f.write(chunk)
+        md5 = _md5(Path(tmp))
+        if md5 != CIFAR10_MD5:
+            raise OSError(f"downloaded {CIFAR10_URL} has md5 {md5}, expected {CIFAR10_MD5}")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def load_cifar10(data_dir, split: str = "train", *, download: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 as uint8 (N, 3, 32, 32) images and int64 labels (50000 train, 10000 test).
+
+    Reads ``data_dir/cifar-10-batches-py/`` if it exists, else ``data_dir/cifar-10-python.tar.gz``
+    (without extracting it). When neither exists it downloads the archive if ``download``,
+    and otherwise raises FileNotFoundError saying where to put the file.
+    """
+    _check_split(split)
+    data_dir = Path(data_dir)
+    folder, archive = data_dir / CIFAR10_FOLDER, data_dir / CIFAR10_ARCHIVE
+    if folder.is_dir():
+        return _read_cifar(folder, split)
+    if not archive.is_file():
+        if not download:
+            raise FileNotFoundError(
+                f"CIFAR-10 not found: put {CIFAR10_ARCHIVE} (from {CIFAR10_URL}) at {archive} "
+                f"or its extracted folder at {folder}, or set config.data.download=True")
+        download_cifar10(data_dir)
+    return _read_cifar(archive, split)
+
+
+# ----------------------------------------------------------------------------- MNIST (IDX)
+
+_IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
+               0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path) -> np.ndarray:
+    """Read an IDX file (plain or .gz): magic 0x0000 <type> <ndim>, then ndim big-endian
+    uint32 sizes, then the values in row-major order. Returns a native-endian array."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file: bad magic number {raw[:4].hex()}")
+    dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(raw) - header != count * dtype.itemsize:
+        raise ValueError(f"{path}: IDX header says shape {shape} ({count * dtype.itemsize} bytes) "
+                         f"but {len(raw) - header} bytes follow")
+    array = np.frombuffer(raw, dtype=dtype, offset=header, count=count).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))
+
+
+def _find_file(data_dir: Path, name: str) -> Path:
+    for candidate in (data_dir / name, data_dir / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"MNIST file {name} not found: put {name} or {name}.gz "
+                            f"(the standard IDX files) in {data_dir}")
+
+
+def load_mnist(data_dir, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """MNIST as uint8 (N, 1, 28, 28) images and int64 labels from the IDX files in ``data_dir``."""
+    _check_split(split)
+    data_dir = Path(data_dir)
+    image_name, label_name = MNIST_FILES[split]
+    images = read_idx(_find_file(data_dir, image_name))
+    labels = read_idx(_find_file(data_dir, label_name))
+    if (images.dtype != np.uint8 or images.ndim != 3 or labels.ndim != 1
+            or len(labels) != len(images)):
+        raise ValueError(f"{data_dir}: expected uint8 images (N, H, W) and N labels, got "
+                         f"{images.dtype} {images.shape} and {labels.shape}")
+    return np.ascontiguousarray(images[:, None]), labels.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- image folder
+
+def _load_image(path: Path, image_size: int, num_channels: int) -> np.ndarray:
+    from PIL import Image
+    with Image.open(path) as image:
+        image = image.convert("L" if num_channels == 1 else "RGB")
+        width, height = image.size
+        scale = image_size / min(width, height)
+        if scale != 1:
+            size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
+            image = image.resize(size, Image.Resampling.BICUBIC)
+        width, height = image.size
+        left, top = (width - image_size) // 2, (height - image_size) // 2
+        image = image.crop((left, top, left + image_size, top + image_size))
+        array = np.asarray(image, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def load_image_folder(data_dir, split: str = "train", *, image_size: int, num_channels: int = 3
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """PNG/JPEG images under ``data_dir`` as uint8 (N, C, image_size, image_size).
+
+    Uses ``data_dir/<split>/`` when that folder exists; otherwise the whole ``data_dir`` is
+    the ``train`` split (and ``test`` raises). The shorter side is resized to ``image_size``
+    (bicubic) and the centre square cropped; ``num_channels`` 1 -> grayscale, 3 -> RGB.
+    Labels: index of the first-level subfolder (sorted names), 0 for images at the top.
+    """
+    _check_split(split)
+    if num_channels not in (1, 3):
+        raise ValueError(f"config.data.num_channels={num_channels}: an image folder gives 1 or 3")
+    data_dir = Path(data_dir)
+    root = data_dir / split if (data_dir / split).is_dir() else data_dir
+    if root == data_dir and split != "train":
+        raise FileNotFoundError(f"no {split} images: put them in {data_dir / split}")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no PNG/JPEG images found under {root}: put the training "
+                                "images there (subfolders are classes)")
+    parts = [p.relative_to(root).parts for p in files]
+    classes = sorted({part[0] for part in parts if len(part) > 1})
+    index = {name: i for i, name in enumerate(classes)}
+    labels = np.array([index[part[0]] if len(part) > 1 else 0 for part in parts], dtype=np.int64)
+    images = np.stack([_load_image(p, image_size, num_channels) for p in files])
+    return images, labels
+
+
+# ----------------------------------------------------------------------------- scaling, batches
+
+def preprocess(images: torch.Tensor, *, centered: bool = True, dequantize: bool = False,
+               random_flip: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 network input.
+
+    Without dequantization x / 255, in [0, 1] (0 -> 0, 255 -> 1). With it (x + u) / 256,
+    u ~ U(0, 1) per pixel, in [x / 256, (x + 1) / 256) within [0, 1): the uniform
+    dequantization under which a continuous density gives a bound on the discrete
+    likelihood (bits/dim). ``centered`` maps [0, 1] to [-1, 1] by 2 v - 1. ``random_flip``
+    mirrors each image left-right with probability 1/2 (before scaling).
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"preprocess expects uint8 images, got {images.dtype}")
+    x = images
+    if random_flip:
+        flip = torch.rand(x.shape[0], generator=generator) < 0.5
+        x = torch.where(flip.to(x.device).view(-1, *([1] * (x.ndim - 1))), x.flip(-1), x)
+    x = x.float()
+    if dequantize:
+        noise = torch.rand(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+        x = (x + noise) / 256.0
+    else:
+        x = x / 255.0
+    return 2.0 * x - 1.0 if centered else x
+
+
+def shard_indices(num_items: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
+                  rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """This rank's indices for one epoch, like torch's DistributedSampler with drop_last.
+
+    All ranks draw the same permutation (seeded by seed and epoch); rank r takes positions
+    r, r + world_size, ... of its first (num_items // world_size) * world_size entries, so
+    the shards are disjoint, of equal size (DDP needs the same number of steps on each
+    rank), and at most world_size - 1 items (different ones each shuffled epoch) are skipped.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    if shuffle:
+        order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + epoch))
+    else:
+        order = torch.arange(num_items)
+    usable = num_items // world_size * world_size
+    return order[:usable][rank::world_size]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """uint8 images (N, C, H, W) with labels and the scaling settings of one data set.
+
+    ``dataset[i]`` is ``(uint8 image, label)``; ``batches(...)`` yields scaled float batches.
+    """
+
+    def __init__(self, images, labels, *, centered: bool = True, random_flip: bool = False,
+                 dequantize: bool = False, name: str = "custom"):
+        self.images = torch.as_tensor(np.asarray(images, dtype=np.uint8))
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        if self.images.ndim != 4 or len(self.labels) != len(self.images):
+            raise ValueError(f"expected images (N, C, H, W) and N labels, got "
+                             f"{tuple(self.images.shape)} and {tuple(self.labels.shape)}")
+        self.centered, self.random_flip, self.dequantize = centered, random_flip, dequantize
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], self.labels[index]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
+                rank: int = 0, world_size: int = 1, drop_last: bool = True, device=None):
+        """One epoch of (x, labels) batches of this rank's shard (see ``shard_indices``).
+
+        x is float32, scaled by ``preprocess`` with this data set's settings; flips and
+        dequantization noise come from a generator seeded by (seed, epoch, rank), so a
+        run is reproducible and the ranks draw different noise.
+        """
+        indices = shard_indices(len(self), shuffle=shuffle, seed=seed, epoch=epoch,
+                                rank=rank, world_size=world_size)
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 4099 + rank + 1)
+        stop = len(indices) - len(indices) % batch_size if drop_last else len(indices)
+        for start in range(0, stop, batch_size):
+            index = indices[start:start + batch_size]
+            x = preprocess(self.images[index], centered=self.centered, dequantize=self.dequantize,
+                           random_flip=self.random_flip, generator=generator)
+            yield x.to(device) if device is not None else x, self.labels[index]
+
+
+# ----------------------------------------------------------------------------- factory
+
+# Whether images are flipped left-right unless config.data.random_flip says otherwise. Never
+# for digits: a mirrored handwritten digit is not a digit of the same class (2, 3, 4, 7, 9
+# become glyphs that do not occur), so flipping would teach the model images outside the data.
+DEFAULT_FLIP = {"digits": False, "cifar10": True, "mnist": False, "folder": False}
+NATIVE_SHAPE = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "mnist": (1, 28, 28)}
+
+
+# config.data.name -> loader(config.data, split) -> (uint8 images, int64 labels)
+DATASETS = {
+    "digits": lambda data, split: load_digits_images(split),
+    "cifar10": lambda data, split: load_cifar10(data.data_dir, split,
+                                                download=bool(data.get("download", False))),
+    "mnist": lambda data, split: load_mnist(data.data_dir, split),
+    "folder": lambda data, split: load_image_folder(data.data_dir, split,
+                                                    image_size=data.image_size,
+                                                    num_channels=data.num_channels),
+}
+
+
+def build_dataset(config, split: str = "train") -> ImageDataset:
+    """The ImageDataset of ``config.data`` (name, data_dir, image_size, num_channels,
+    centered, random_flip (None: the data set's default), dequantize, download)."""
+    data = config.data
+    name = data.name
+    if name not in DATASETS:
+        raise ValueError(f"unknown config.data.name={name!r}; valid names: {', '.join(DATASETS)}")
+    if name in NATIVE_SHAPE:
+        expected = NATIVE_SHAPE[name]
+        if (data.num_channels, data.image_size, data.image_size) != expected:
+            raise ValueError(f"{name} images are {expected[0]}x{expected[1]}x{expected[2]}: set "
+                             f"config.data.num_channels={expected[0]} and "
+                             f"config.data.image_size={expected[1]}")
+    images, labels = DATASETS[name](data, split)
+    random_flip = data.get("random_flip", None)
+    if random_flip is None:
+        random_flip = DEFAULT_FLIP[name]
+    return ImageDataset(images, labels, centered=bool(data.centered), random_flip=bool(random_flip),
+                        dequantize=bool(data.get("dequantize", False)), name=name)
