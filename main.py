@@ -21,7 +21,8 @@ flags.DEFINE_enum("mode", "train", ["train", "sample", "likelihood"],
                   "train: fit the score model; sample: draw samples with --sampler; "
                   "likelihood: log-likelihood of held-out data through the probability-flow ODE.")
 flags.DEFINE_string("workdir", None, "Work directory for config, logs, weights and results.")
-flags.DEFINE_enum("sampler", None, ["pc", "ald", "ode", "ddim", "dpm_solver"],
+flags.DEFINE_enum("sampler", None, ["pc", "ald", "ode", "ddim", "dpm_solver", "edm",
+                                       "dpm_adaptive"],
                   "Sampler of --mode sample (default: config.sampling.method).")
 flags.mark_flags_as_required(["config", "workdir"])
 

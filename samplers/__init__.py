@@ -8,8 +8,10 @@ Every sampler takes ``score_fn(x, t)`` (from ``models.get_score_fn`` or an exact
 the SDE, the sample shape, and keyword options; it returns a ``SampleResult(x, nfe)``.
 All of them use the one reverse-time drift of ``sde_lib`` (``SDE.reverse``).
 """
+from .adaptive import dpm_solver_adaptive_sample
 from .ald import ald_sample
 from .common import SampleResult
+from .edm import edm_sample, edm_sigmas
 from .fast import DPM_ALGORITHMS, SPACINGS, ddim_sample, dpm_solver_sample, timesteps
 from .from_config import SAMPLERS, sample_from_config
 from .likelihood import (PROBE_NOISES, TRACE_ESTIMATORS, BitsPerDimResult, LikelihoodResult,
@@ -20,4 +22,5 @@ from .pc import CORRECTORS, PREDICTORS, langevin_step_factor, pc_sample
 __all__ = ["SampleResult", "pc_sample", "ald_sample", "ode_sample", "log_likelihood",
            "bits_per_dim", "LikelihoodResult", "BitsPerDimResult", "PREDICTORS", "CORRECTORS",
            "ODE_METHODS", "TRACE_ESTIMATORS", "PROBE_NOISES", "langevin_step_factor", "SAMPLERS", "sample_from_config",
-           "ddim_sample", "dpm_solver_sample", "timesteps", "SPACINGS", "DPM_ALGORITHMS"]
+           "ddim_sample", "dpm_solver_sample", "timesteps", "SPACINGS", "DPM_ALGORITHMS",
+           "edm_sample", "edm_sigmas", "dpm_solver_adaptive_sample"]

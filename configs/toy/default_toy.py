@@ -65,7 +65,13 @@ def get_default_configs():
     sampling.eta = 0.0              # ddim: 0 deterministic, 1 ancestral
     sampling.order = 2              # dpm_solver: 1, 2, 3
     sampling.multistep = True
-    sampling.algorithm = "dpmsolver++"
+    sampling.algorithm = "dpmsolver++"   # also dpm_adaptive (order 2 or 3; rtol, atol above)
+    sampling.edm_spacing = "karras"  # edm: sigma schedule (Karras et al. 2022 eq. 5 with rho)
+    sampling.rho = 7.0
+    sampling.s_churn = 0.0           # edm: 0 deterministic Heun; > 0 stochastic churn
+    sampling.s_tmin = 0.0            # edm: churn only for sigma in [s_tmin, s_tmax]
+    sampling.s_tmax = float("inf")
+    sampling.s_noise = 1.0
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.num_samples = 8192     # samples for the score error against the exact score
