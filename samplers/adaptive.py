@@ -19,8 +19,8 @@ the error estimate (App. C)
 accepts the step if E <= 1 (x <- x_high, x_prev <- x_low, s <- t) and always updates
 h <- min(theta h E^(-1/order), lambda_eps - lambda_s). It stops when |s - eps| <= t_err; the
 step that reaches lambda_eps lands on eps exactly. Rejected steps cost evaluations too (nfe
-counts all of them; the evaluation at s is reused after a rejection). As in the official implementation, E is the batch maximum, so the whole
-batch shares one step size.
+counts all of them; the evaluation at s is reused after a rejection). As in the official
+implementation, E is the batch maximum, so the whole batch shares one step size.
 
 Host synchronisation: exactly one per step (E.item(), which the accept/reject decision and
 the next h need on the host; unavoidable for step-size control). Time schedules are computed

@@ -17,9 +17,44 @@ import sde_lib
 from samplers.adaptive import dpm_solver_adaptive_sample
 from samplers.edm import edm_sample, edm_sigmas
 from samplers.metrics import frechet_distance
-from test_fast import SDES, exact_flow, fitted_order, gaussian_score
 
 F64 = torch.float64
+
+# The Gaussian test problem of tests/test_fast.py (copied, so that the two files change
+# independently).
+SDES = {
+    "vp": lambda: sde_lib.VPSDE(),
+    "subvp": lambda: sde_lib.subVPSDE(),
+    "ve": lambda: sde_lib.VESDE(sigma_min=0.01, sigma_max=20.0),
+}
+MU = torch.tensor([0.5, -1.0, 0.2, 1.5], dtype=F64)
+S = torch.tensor([0.1, 0.3, 1.0, 2.0], dtype=F64)
+
+
+def gaussian_score(sde):
+    def score(x, t):
+        alpha, std = sde.marginal_coeffs(t)
+        alpha, std = alpha[:, None], std[:, None]
+        return -(x - alpha * MU) / (alpha ** 2 * S ** 2 + std ** 2)
+    return score
+
+
+def exact_flow(sde, x_T, t):
+    """The probability-flow ODE solution at time t from x_T at T, for N(MU, diag(S^2))."""
+    times = torch.tensor([sde.T, t], dtype=F64)
+    (a_T, a_t), (s_T, s_t) = sde.marginal_coeffs(times)
+    scale = torch.sqrt(a_t ** 2 * S ** 2 + s_t ** 2) / torch.sqrt(a_T ** 2 * S ** 2 + s_T ** 2)
+    return a_t * MU + scale * (x_T - a_T * MU)
+
+
+def fitted_order(run, sde, steps):
+    """-slope of log(RMS error at eps) against log(num_steps)."""
+    eps = 1e-3
+    x_T = sde.prior_sampling((8, 4), generator=torch.Generator().manual_seed(0), dtype=F64)
+    reference = exact_flow(sde, x_T, eps)
+    errors = [(run(gaussian_score(sde), sde, x_T, n).x - reference).pow(2).mean().sqrt().item()
+              for n in steps]
+    return -np.polyfit(np.log(steps), np.log(errors), 1)[0], errors
 
 
 def _edm(**kw):
