@@ -20,7 +20,7 @@ import samplers
 import sde_lib
 from samplers.fast import (DPM_ALGORITHMS, SPACINGS, ddim_sample, dpm_solver_sample,
                            timesteps)
-from testbed import frechet_distance, spread_gaussian
+from testbed import reference_and_floor, frechet_distance, spread_gaussian
 
 F64 = torch.float64
 N_GAUSS = 2000
@@ -216,9 +216,7 @@ def test_ddim_eta1_step_is_the_exact_posterior(sde_name, eta):
 @pytest.fixture(scope="module")
 def gaussian():
     dist = spread_gaussian(64)
-    reference = dist.sample(N_GAUSS, generator=torch.Generator().manual_seed(101), dtype=F64)
-    second = dist.sample(N_GAUSS, generator=torch.Generator().manual_seed(102), dtype=F64)
-    return dist, reference, frechet_distance(second, reference)
+    return (dist, *reference_and_floor(dist, N_GAUSS))
 
 
 @pytest.mark.parametrize("sde_name", SDES)

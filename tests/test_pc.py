@@ -15,7 +15,7 @@ import torch
 import samplers
 import sde_lib
 from samplers.pc import Step, ancestral_sampling
-from testbed import eight_mode_mixture, frechet_distance, spread_gaussian
+from testbed import reference_and_floor, eight_mode_mixture, frechet_distance, spread_gaussian
 
 F64 = torch.float64
 N_GAUSS = 2000
@@ -31,9 +31,7 @@ SDES = {
 @pytest.fixture(scope="module")
 def gaussian():
     dist = spread_gaussian(64)
-    reference = dist.sample(N_GAUSS, generator=torch.Generator().manual_seed(101), dtype=F64)
-    second = dist.sample(N_GAUSS, generator=torch.Generator().manual_seed(102), dtype=F64)
-    return dist, reference, frechet_distance(second, reference)
+    return (dist, *reference_and_floor(dist, N_GAUSS))
 
 
 def mode_weights(mixture, x):

@@ -163,3 +163,11 @@ def gaussian_frechet_to(dist: GaussianMixture, x) -> float:
     of ``dist`` (for a mixture, of the Gaussian with the mixture's first two moments)."""
     mu, cov = sample_moments(x)
     return frechet_from_moments(mu, cov, dist.mean(), dist.covariance())
+
+
+def reference_and_floor(dist: GaussianMixture, n: int, seeds=(101, 102)):
+    """A true sample set (n, ...) float64 to compare a sampler's output with, and the noise
+    floor of that comparison: the Frechet distance between it and a second true set of n."""
+    reference = dist.sample(n, generator=torch.Generator().manual_seed(seeds[0]), dtype=torch.float64)
+    second = dist.sample(n, generator=torch.Generator().manual_seed(seeds[1]), dtype=torch.float64)
+    return reference, frechet_distance(second, reference)
