@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import math
 
 from .ema import ExponentialMovingAverage
 from .embeddings import GaussianFourierProjection, sinusoidal_embedding

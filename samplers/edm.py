@@ -149,7 +149,7 @@ def edm_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 18,
     try:
         with torch.no_grad():
             for i in range(last + 1):                                      # line 3
-                sig_i, sig_hat, sig_next = s[i], sigma_hat[i], sigmas[i + 1]
+                sig_hat, sig_next = sigma_hat[i], sigmas[i + 1]
                 # lines 4-6: eps_i ~ N(0, S_noise^2 I); t_hat = t_i + gamma_i t_i;
                 # x_hat = x_i + sqrt(t_hat^2 - t_i^2) eps_i
                 if churn:

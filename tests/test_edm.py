@@ -8,55 +8,23 @@ against the floor, the distance between two independent true sets of 2000 (0.108
 """
 import math
 
-import numpy as np
 import pytest
 import torch
 
 import samplers
 import sde_lib
+from testbed import exact_flow, fitted_order, flow_problem_score
 from samplers.adaptive import dpm_solver_adaptive_sample
 from samplers.edm import edm_sample, edm_sigmas
 from samplers.metrics import frechet_distance
 
 F64 = torch.float64
 
-# The Gaussian test problem of tests/test_fast.py (copied, so that the two files change
-# independently).
 SDES = {
     "vp": lambda: sde_lib.VPSDE(),
     "subvp": lambda: sde_lib.subVPSDE(),
     "ve": lambda: sde_lib.VESDE(sigma_min=0.01, sigma_max=20.0),
 }
-MU = torch.tensor([0.5, -1.0, 0.2, 1.5], dtype=F64)
-S = torch.tensor([0.1, 0.3, 1.0, 2.0], dtype=F64)
-
-
-def gaussian_score(sde):
-    def score(x, t):
-        alpha, std = sde.marginal_coeffs(t)
-        alpha, std = alpha[:, None], std[:, None]
-        return -(x - alpha * MU) / (alpha ** 2 * S ** 2 + std ** 2)
-    return score
-
-
-def exact_flow(sde, x_T, t):
-    """The probability-flow ODE solution at time t from x_T at T, for N(MU, diag(S^2))."""
-    times = torch.tensor([sde.T, t], dtype=F64)
-    (a_T, a_t), (s_T, s_t) = sde.marginal_coeffs(times)
-    scale = torch.sqrt(a_t ** 2 * S ** 2 + s_t ** 2) / torch.sqrt(a_T ** 2 * S ** 2 + s_T ** 2)
-    return a_t * MU + scale * (x_T - a_T * MU)
-
-
-def fitted_order(run, sde, steps):
-    """-slope of log(RMS error at eps) against log(num_steps)."""
-    eps = 1e-3
-    x_T = sde.prior_sampling((8, 4), generator=torch.Generator().manual_seed(0), dtype=F64)
-    reference = exact_flow(sde, x_T, eps)
-    errors = [(run(gaussian_score(sde), sde, x_T, n).x - reference).pow(2).mean().sqrt().item()
-              for n in steps]
-    return -np.polyfit(np.log(steps), np.log(errors), 1)[0], errors
-
-
 def _edm(**kw):
     def run(score, sde, x_T, n):
         return edm_sample(score, sde, x_T.shape, num_steps=n, x_init=x_T, denoise=False, **kw)
@@ -81,7 +49,7 @@ def test_edm_sigmas_and_nfe(sde_name):
     assert sig.shape == (19,) and sig[-1].item() == 0.0 and (sig[1:] < sig[:-1]).all()
     torch.testing.assert_close(sig[[0, 17]], s / a, rtol=1e-9, atol=0)
     x_T = sde.prior_sampling((4, 4), generator=torch.Generator().manual_seed(0), dtype=F64)
-    score = gaussian_score(sde)
+    score = flow_problem_score(sde)
     seen = []
     r = edm_sample(score, sde, (4, 4), x_init=x_T, callback=lambda d: seen.append(d["step"]))
     assert r.nfe == 35 and seen == list(range(18))          # the paper's 35 NFE for N = 18
@@ -110,7 +78,7 @@ def test_edm_churn_64d_gaussian():
 
 def test_edm_churn_is_random_and_reproducible():
     sde = sde_lib.VPSDE()
-    score = gaussian_score(sde)
+    score = flow_problem_score(sde)
     x_T = sde.prior_sampling((4, 4), generator=torch.Generator().manual_seed(0), dtype=F64)
     run = lambda seed, **kw: edm_sample(score, sde, (4, 4), num_steps=6, x_init=x_T,  # noqa: E731
                                         generator=torch.Generator().manual_seed(seed), **kw).x
@@ -124,7 +92,7 @@ def test_edm_churn_is_random_and_reproducible():
 def test_edm_float32():
     sde = sde_lib.VESDE(0.01, 20.0)
     x_T = sde.prior_sampling((16, 4), generator=torch.Generator().manual_seed(2), dtype=F64)
-    score = gaussian_score(sde)
+    score = flow_problem_score(sde)
     a = edm_sample(score, sde, x_T.shape, num_steps=10, x_init=x_T).x
     b = edm_sample(score, sde, x_T.shape, num_steps=10, x_init=x_T.float()).x
     assert b.dtype == torch.float32
@@ -133,7 +101,7 @@ def test_edm_float32():
 
 def test_edm_bad_input():
     sde = sde_lib.VPSDE()
-    score = gaussian_score(sde)
+    score = flow_problem_score(sde)
     for steps in (1, 0, 2.5, True):
         with pytest.raises(ValueError, match="num_steps"):
             edm_sample(score, sde, (2, 4), num_steps=steps)
@@ -161,7 +129,7 @@ def test_adaptive_error_falls_and_nfe_grows_with_rtol(sde_name, order, algorithm
     reference = exact_flow(sde, x_T, 1e-3)
     errors, nfes = [], []
     for rtol in RTOLS:
-        r = dpm_solver_adaptive_sample(gaussian_score(sde), sde, x_T.shape, order=order,
+        r = dpm_solver_adaptive_sample(flow_problem_score(sde), sde, x_T.shape, order=order,
                                        algorithm=algorithm, rtol=rtol, atol=1e-4, x_init=x_T,
                                        denoise=False)
         errors.append((r.x - reference).pow(2).mean().sqrt().item())
@@ -174,7 +142,7 @@ def test_adaptive_error_falls_and_nfe_grows_with_rtol(sde_name, order, algorithm
 def test_adaptive_callback_nfe_and_host_floats():
     sde = sde_lib.VPSDE()
     seen = []
-    r = dpm_solver_adaptive_sample(gaussian_score(sde), sde, (4, 4), order=3, rtol=1e-2,
+    r = dpm_solver_adaptive_sample(flow_problem_score(sde), sde, (4, 4), order=3, rtol=1e-2,
                                    generator=torch.Generator().manual_seed(0),
                                    callback=seen.append)
     accepted = sum(d["accepted"] for d in seen)
@@ -186,7 +154,7 @@ def test_adaptive_callback_nfe_and_host_floats():
 
 def test_adaptive_bad_input():
     sde = sde_lib.VPSDE()
-    score = gaussian_score(sde)
+    score = flow_problem_score(sde)
     for order in (1, 4, 2.0, True):
         with pytest.raises(ValueError, match="order"):
             dpm_solver_adaptive_sample(score, sde, (2, 4), order=order)
@@ -208,7 +176,7 @@ def test_exported_and_from_config():
     from configs.toy.default_toy import get_default_configs
     config = get_default_configs()
     sde = sde_lib.VPSDE()
-    score = gaussian_score(sde)
+    score = flow_problem_score(sde)
     config.sampling.num_steps = 5
     r = samplers.sample_from_config(config.sampling, score, sde, (4, 4), method="edm",
                                     generator=torch.Generator().manual_seed(0))

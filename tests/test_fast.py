@@ -12,7 +12,6 @@ the floor, the distance between two independent true sample sets of 2000 (0.108)
 """
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,7 +19,8 @@ import samplers
 import sde_lib
 from samplers.fast import (DPM_ALGORITHMS, SPACINGS, ddim_sample, dpm_solver_sample,
                            timesteps)
-from testbed import reference_and_floor, frechet_distance, spread_gaussian
+from testbed import (fitted_order, flow_problem_score, frechet_distance,
+                     reference_and_floor, spread_gaussian)
 
 F64 = torch.float64
 N_GAUSS = 2000
@@ -92,36 +92,6 @@ def test_timesteps_bad_input():
 
 
 # ----- convergence orders -------------------------------------------------------------------
-MU = torch.tensor([0.5, -1.0, 0.2, 1.5], dtype=F64)
-S = torch.tensor([0.1, 0.3, 1.0, 2.0], dtype=F64)
-
-
-def gaussian_score(sde):
-    def score(x, t):
-        alpha, std = sde.marginal_coeffs(t)
-        alpha, std = alpha[:, None], std[:, None]
-        return -(x - alpha * MU) / (alpha ** 2 * S ** 2 + std ** 2)
-    return score
-
-
-def exact_flow(sde, x_T, t):
-    """The probability-flow ODE solution at time t from x_T at T, for N(MU, diag(S^2))."""
-    times = torch.tensor([sde.T, t], dtype=F64)
-    (a_T, a_t), (s_T, s_t) = sde.marginal_coeffs(times)
-    scale = torch.sqrt(a_t ** 2 * S ** 2 + s_t ** 2) / torch.sqrt(a_T ** 2 * S ** 2 + s_T ** 2)
-    return a_t * MU + scale * (x_T - a_T * MU)
-
-
-def fitted_order(run, sde, steps):
-    """-slope of log(RMS error at eps) against log(num_steps)."""
-    eps = 1e-3
-    x_T = sde.prior_sampling((8, 4), generator=torch.Generator().manual_seed(0), dtype=F64)
-    reference = exact_flow(sde, x_T, eps)
-    errors = [(run(gaussian_score(sde), sde, x_T, n).x - reference).pow(2).mean().sqrt().item()
-              for n in steps]
-    return -np.polyfit(np.log(steps), np.log(errors), 1)[0], errors
-
-
 def _dpm(order, multistep, algorithm, **kw):
     def run(score, sde, x_T, n):
         return dpm_solver_sample(score, sde, x_T.shape, num_steps=n, order=order,
@@ -178,7 +148,7 @@ def test_multistep_third_order(sde_name, algorithm):
 def test_ddim_eta0_equals_first_order_dpm_solver(sde_name, algorithm):
     sde = SDES[sde_name]()
     x_T = sde.prior_sampling((8, 4), generator=torch.Generator().manual_seed(3), dtype=F64)
-    score = gaussian_score(sde)
+    score = flow_problem_score(sde)
     a = ddim_sample(score, sde, x_T.shape, num_steps=7, x_init=x_T)
     b = dpm_solver_sample(score, sde, x_T.shape, num_steps=7, order=1, algorithm=algorithm,
                           x_init=x_T)
@@ -253,7 +223,7 @@ def test_ddim_eta1_is_unbiased_as_steps_grow(gaussian, sde_name):
 # ----- behaviour ----------------------------------------------------------------------------
 def test_nfe_and_callback_and_dtype():
     sde = sde_lib.VPSDE()
-    score = gaussian_score(sde)
+    score = flow_problem_score(sde)
     seen = []
     r = dpm_solver_sample(score, sde, (4, 4), num_steps=5, order=3, multistep=False,
                           denoise=False, generator=torch.Generator().manual_seed(0),
@@ -277,7 +247,7 @@ def test_float32_state_matches_float64(sde_name):
     (measured max difference ~1.5e-6 on the 64-D Gaussian at 20 steps)."""
     sde = SDES[sde_name]()
     x_T = sde.prior_sampling((16, 4), generator=torch.Generator().manual_seed(2), dtype=F64)
-    score = gaussian_score(sde)
+    score = flow_problem_score(sde)
     for kw in (dict(order=2), dict(order=3), dict(order=3, multistep=False),
                dict(order=2, algorithm="dpmsolver"), dict(order=3, algorithm="dpmsolver")):
         a = dpm_solver_sample(score, sde, x_T.shape, num_steps=20, x_init=x_T, **kw).x
@@ -290,7 +260,7 @@ def test_float32_state_matches_float64(sde_name):
 
 def test_reproducible_with_generator():
     sde = sde_lib.VESDE(0.01, 20.0)
-    score = gaussian_score(sde)
+    score = flow_problem_score(sde)
     a, b = (ddim_sample(score, sde, (4, 4), num_steps=6, eta=1.0,
                         generator=torch.Generator().manual_seed(5)) for _ in range(2))
     assert torch.equal(a.x, b.x)
@@ -298,7 +268,7 @@ def test_reproducible_with_generator():
 
 def test_bad_input():
     sde = sde_lib.VPSDE()
-    score = gaussian_score(sde)
+    score = flow_problem_score(sde)
     with pytest.raises(ValueError, match="dpmsolver\\+\\+, dpmsolver"):
         dpm_solver_sample(score, sde, (2, 4), algorithm="dpm")
     for order in (0, 4, 2.0, True):
