@@ -2,7 +2,7 @@
 training): a tiny DDPM U-Net that trains in a few minutes on a CPU."""
 import ml_collections
 
-from configs.toy.default_toy import get_default_configs as _toy_defaults
+from configs.common import optim_group, sampling_group, sde_group, training_group
 
 
 def get_default_configs():
@@ -20,13 +20,8 @@ def get_default_configs():
     data.random_flip = None         # None: the data set's default (never for digits)
     data.dequantize = False
 
-    config.sde = sde = ml_collections.ConfigDict()
-    sde.name = "vpsde"
-    sde.beta_min = 0.1
-    sde.beta_max = 20.0
-    sde.sigma_min = 0.01
-    sde.sigma_max = 10.0            # the largest distance between two training images is 9.6
-    sde.num_scales = 1000
+    # sigma_max: the largest distance between two training images is 9.6
+    config.sde = sde_group(sigma_max=10.0)
 
     config.model = model = ml_collections.ConfigDict()
     model.name = "ddpm"
@@ -41,31 +36,13 @@ def get_default_configs():
     model.num_classes = 0
     model.ema_rate = 0.999
 
-    config.training = training = ml_collections.ConfigDict()
-    training.n_iters = 300
-    training.batch_size = 64
-    training.continuous = True
-    training.reduce_mean = False
-    training.likelihood_weighting = False
-    training.importance_sampling = False
-    training.eps = 1e-5
-    training.log_freq = 25
+    config.training = training = training_group(n_iters=300, batch_size=64, log_freq=25)
     training.snapshot_freq = 100                # checkpoints/checkpoint_<step>.pt
     training.snapshot_freq_for_preemption = 50  # checkpoints/latest.pt (resume point)
-
-    config.optim = optim = ml_collections.ConfigDict()
-    optim.lr = 2e-3
-    optim.beta1 = 0.9
-    optim.eps = 1e-8
-    optim.weight_decay = 0.0
-    optim.warmup = 50
-    optim.grad_clip = 1.0
-
+    config.optim = optim_group(warmup=50)
     # Sampling and evaluation of image runs are not wired yet (main.py refuses them); the
-    # groups carry the toy defaults so that the samplers' options exist when they are.
-    toy = _toy_defaults()
-    config.sampling = toy.sampling
-    config.sampling.num_samples = 64
+    # groups exist so that the samplers' options are there when they are.
+    config.sampling = sampling_group(num_samples=64)
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.num_samples = 256
     evaluate.eps = 1e-3
