@@ -92,7 +92,7 @@ def dsm_losses(score_fn: Callable, sde: SDE, x: torch.Tensor, *, eps: float = 1e
     z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     score = _call_score(score_fn, alpha * x + std * z, t, class_labels)
     if likelihood_weighting and not importance_sampling:
-        g2 = sde.sde(x, t)[1] ** 2
+        g2 = sde.sde(x.new_zeros(x.shape[0], 1), t)[1] ** 2   # g(t) only: no x-sized drift
         return _reduce((score + z / std) ** 2, reduce_mean) * g2
     return _reduce((score * std + z) ** 2, reduce_mean) * weight
 
