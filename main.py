@@ -3,7 +3,7 @@
     python main.py --mode train      --config configs/toy/vp_mixture.py --workdir runs/toy_vp
     python main.py --mode sample     --config configs/toy/vp_mixture.py --workdir runs/toy_vp --sampler ode
     python main.py --mode likelihood --config configs/toy/vp_mixture.py --workdir runs/toy_vp
-    python main.py --mode train      --config configs/digits/vp_ddpm.py --workdir runs/digits_vp
+    python main.py --mode train      --config configs/vp/ddpm_digits.py --workdir runs/digits_vp
 
 Image configs (config.data.name in digits, cifar10, mnist, folder) train with
 run_lib.train.train (resuming from <workdir>/checkpoints/latest.pt); their sample and

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from configs.digits.vp_ddpm import get_config
+from configs.vp.ddpm_digits import get_config
 from run_lib.train import load_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypatch):
 
 
 def test_main_train_mode_digits(tmp_path):
-    cmd = [sys.executable, "main.py", "--mode", "train", "--config", "configs/digits/ve_ddpm.py",
+    cmd = [sys.executable, "main.py", "--mode", "train", "--config", "configs/ve/ddpm_digits.py",
            "--workdir", str(tmp_path), "--config.device=cpu", "--config.training.n_iters=2",
            "--config.training.batch_size=8", "--config.model.nf=16"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -7,7 +7,7 @@ with no 1/sigma range to cover. The sinusoidal embedding of sigma in [0.01, 10] 
 the smallest sigmas poorly (NCSN++ uses Fourier features of log sigma instead); fine for
 this small baseline.
 """
-from configs.digits.default_digits import get_default_configs
+from configs.default_digits import get_default_configs
 
 
 def get_config():

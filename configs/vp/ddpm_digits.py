@@ -1,6 +1,6 @@
 """VP SDE (continuous DDPM) on the 8x8 digits with a tiny DDPM U-Net (conditioned on 999 t,
 output divided by -std: it predicts the noise)."""
-from configs.digits.default_digits import get_default_configs
+from configs.default_digits import get_default_configs
 
 
 def get_config():
