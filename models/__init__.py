@@ -64,6 +64,8 @@ def build_model(config):
 
 
 def build_score_fn(config, sde, model):
-    """``get_score_fn`` with config.training.continuous and config.model.scale_by_sigma."""
+    """``get_score_fn`` with config.training.continuous, config.model.scale_by_sigma and,
+    for images kept in [0, 1] (config.data.centered False), center_input."""
     return get_score_fn(sde, model, continuous=config.training.get("continuous", True),
-                        scale_by_sigma=bool(config.model.get("scale_by_sigma", False)))
+                        scale_by_sigma=bool(config.model.get("scale_by_sigma", False)),
+                        center_input=not bool(config.data.get("centered", True)))

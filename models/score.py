@@ -9,6 +9,10 @@ Conventions (those of the Score SDE code, so published checkpoints keep their me
   ``N - 1 - i``, so that label 0 is the largest sigma as in NCSN (``continuous=False``).
   They output the score, or the score times sigma when ``scale_by_sigma=True`` (NCSNv2,
   NCSN++), in which case the wrapper divides by sigma.
+* Networks always see pixels in [-1, 1]. For data kept in [0, 1] (config.data.centered
+  False, as the official VE CIFAR-10 runs) ``center_input=True`` feeds the network 2 x - 1,
+  which the Score SDE networks do inside their forward; the output is used unchanged, so a
+  published checkpoint gives the same score as in that code.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ def _noise_level(sde: SDE, t: torch.Tensor, continuous: bool):
 
 
 def get_score_fn(sde: SDE, model: Callable, continuous: bool = True, *,
-                 scale_by_sigma: bool = False) -> Callable:
+                 scale_by_sigma: bool = False, center_input: bool = False) -> Callable:
     """Wrap ``model(x, cond[, class_labels])`` as ``score_fn(x, t, class_labels=None)``.
 
     Args:
@@ -47,6 +51,7 @@ def get_score_fn(sde: SDE, model: Callable, continuous: bool = True, *,
         model: network taking x (B, ...) and a (B,) conditioning (see module docstring).
         continuous: conditioning on continuous time/sigma (True) or on discrete levels.
         scale_by_sigma: VE only; the network outputs sigma * score.
+        center_input: data in [0, 1]; the network is given 2 x - 1 (see module docstring).
     Returns:
         score_fn(x (B, ...), t (B,) or scalar in [eps, T], class_labels=None) -> score like x,
         in x's dtype. The model's train/eval mode is left as the caller set it.
@@ -62,7 +67,8 @@ def get_score_fn(sde: SDE, model: Callable, continuous: bool = True, *,
         t = batch_time(t, x)
         std, cond = _noise_level(sde, t, continuous)
         cond = cond if cond.dtype == torch.long else cond.to(x.dtype)
-        out = model(x, cond) if class_labels is None else model(x, cond, class_labels)
+        h = 2 * x - 1 if center_input else x
+        out = model(h, cond) if class_labels is None else model(h, cond, class_labels)
         std = append_dims(std.to(x.dtype), x.ndim)
         if is_ve:
             return out / std if scale_by_sigma else out

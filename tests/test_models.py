@@ -235,3 +235,25 @@ def test_main_train_mode_end_to_end(tmp_path):
     bad = subprocess.run(cmd[:-2] + ["--config.training.no_such_key=1"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "no_such_key" in bad.stderr
+
+
+def test_center_input_feeds_the_network_2x_minus_1():
+    """Data in [0, 1]: the network sees 2x - 1 (what the Score SDE networks do inside forward);
+    build_score_fn switches it on from config.data.centered."""
+    seen = []
+
+    def net(h, cond):
+        seen.append(h.clone())
+        return h * 0 + 1.0
+
+    sde = sde_lib.VESDE(sigma_min=0.01, sigma_max=50.0)
+    x = torch.rand(3, 1, 2, 2)
+    t = torch.full((3,), 0.5)
+    plain = models.get_score_fn(sde, net)(x, t)
+    centered = models.get_score_fn(sde, net, center_input=True)(x, t)
+    assert torch.equal(seen[0], x) and torch.allclose(seen[1], 2 * x - 1)
+    assert torch.equal(plain, centered)   # the output is used unchanged
+    config = ConfigDict(dict(training=dict(continuous=True), model=dict(scale_by_sigma=False),
+                             data=dict(centered=False)))
+    models.build_score_fn(config, sde, net)(x, t)
+    assert torch.allclose(seen[2], 2 * x - 1)
