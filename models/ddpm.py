@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .embeddings import sinusoidal_embedding
+from .fir import DEFAULT_KERNEL, FIRConv2d, downsample_2d, upsample_2d
 
 __all__ = ["DDPM", "variance_scaling_", "convert_score_sde_state_dict", "load_state_dict_strict"]
 
@@ -65,6 +66,14 @@ def _conv3x3(in_ch: int, out_ch: int, *, stride: int = 1, padding: int = 1,
     return conv
 
 
+def _conv1x1(in_ch: int, out_ch: int, *, init_scale: float = 1.0) -> nn.Conv2d:
+    """``ddpm_conv1x1``: 1x1 conv, variance-scaling weights, zero bias."""
+    conv = nn.Conv2d(in_ch, out_ch, kernel_size=1)
+    variance_scaling_(conv.weight, init_scale)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
 def _dense(in_dim: int, out_dim: int) -> nn.Linear:
     layer = nn.Linear(in_dim, out_dim)
     variance_scaling_(layer.weight)
@@ -84,8 +93,18 @@ def _num_groups(channels: int) -> int:
     return groups
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=_num_groups(channels), num_channels=channels, eps=1e-6)
+def _group_norm(channels: int, group_rule=None) -> nn.GroupNorm:
+    """GroupNorm(eps=1e-6) with ``group_rule(C)`` groups (default ``_num_groups``)."""
+    groups = (group_rule or _num_groups)(channels)
+    if groups < 1 or channels % groups:
+        raise ValueError(f"GroupNorm over {channels} channels cannot use {groups} groups; "
+                         f"choose channel counts (nf * ch_mult) divisible by 4")
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6)
+
+
+def _skip_sum(x: torch.Tensor, h: torch.Tensor, skip_rescale: bool) -> torch.Tensor:
+    """x + h, divided by sqrt(2) with ``skip_rescale`` (NCSN++, Song et al. 2021, App. H)."""
+    return (x + h) / math.sqrt(2.0) if skip_rescale else x + h
 
 
 # --------------------------------------------------------------------------- layers
@@ -104,15 +123,19 @@ class NIN(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels, residual; the output NIN starts near zero."""
+    """Single-head self-attention over all pixels, residual; the output NIN starts near zero
+    (variance scale ``init_scale``, 0 = 1e-10). ``skip_rescale`` divides the sum by sqrt(2)
+    and ``group_rule`` picks the GroupNorm groups (NCSN++'s ``AttnBlockpp`` options)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, *, skip_rescale: bool = False, init_scale: float = 0.0,
+                 group_rule=None):
         super().__init__()
-        self.GroupNorm_0 = _group_norm(channels)
+        self.GroupNorm_0 = _group_norm(channels, group_rule)
         self.NIN_0 = NIN(channels, channels)
         self.NIN_1 = NIN(channels, channels)
         self.NIN_2 = NIN(channels, channels)
-        self.NIN_3 = NIN(channels, channels, init_scale=0.0)
+        self.NIN_3 = NIN(channels, channels, init_scale=init_scale)
+        self.skip_rescale = skip_rescale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -121,34 +144,70 @@ class AttnBlock(nn.Module):
                    for nin in (self.NIN_0, self.NIN_1, self.NIN_2))
         h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
         h = h.transpose(1, 2).reshape(B, C, H, W)
-        return x + self.NIN_3(h)
+        return _skip_sum(x, self.NIN_3(h), self.skip_rescale)
+
+
+def _fir_conv(in_ch: int, out_ch: int, *, up: bool, fir_kernel) -> FIRConv2d:
+    """3x3 ``FIRConv2d`` (fused FIR resampling) with variance-scaling weights, zero bias."""
+    conv = FIRConv2d(in_ch, out_ch, 3, up=up, down=not up, resample_kernel=fir_kernel)
+    variance_scaling_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv (``Conv_0``) if ``with_conv``."""
+    """(B, C, H, W) -> (B, out_ch, 2 H, 2 W).
 
-    def __init__(self, channels: int, with_conv: bool = False):
+    Without ``fir``: nearest-neighbour x2, then a 3x3 conv (``Conv_0``) if ``with_conv``.
+    With ``fir`` (NCSN++): FIR upsampling with ``fir_kernel``, fused with a 3x3 conv
+    (``Conv2d_0``) if ``with_conv``. ``out_ch`` (default C) needs ``with_conv``.
+    """
+
+    def __init__(self, channels: int, with_conv: bool = False, *, out_ch: int | None = None,
+                 fir: bool = False, fir_kernel=DEFAULT_KERNEL):
         super().__init__()
-        if with_conv:
-            self.Conv_0 = _conv3x3(channels, channels)
-        self.with_conv = with_conv
+        out_ch = out_ch or channels
+        if with_conv and fir:
+            self.Conv2d_0 = _fir_conv(channels, out_ch, up=True, fir_kernel=fir_kernel)
+        elif with_conv:
+            self.Conv_0 = _conv3x3(channels, out_ch)
+        elif out_ch != channels:
+            raise ValueError(f"Upsample without a conv cannot change {channels} channels to "
+                             f"{out_ch}; set with_conv=True")
+        self.with_conv, self.fir, self.fir_kernel = with_conv, fir, tuple(fir_kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fir:
+            return self.Conv2d_0(x) if self.with_conv else upsample_2d(x, self.fir_kernel)
         h = F.interpolate(x, scale_factor=2.0, mode="nearest")
         return self.Conv_0(h) if self.with_conv else h
 
 
 class Downsample(nn.Module):
-    """/2: a stride-2 3x3 conv with TensorFlow 'SAME' padding (pad right/bottom by one), or
-    2x2 average pooling without ``with_conv``."""
+    """(B, C, H, W) -> (B, out_ch, H / 2, W / 2).
 
-    def __init__(self, channels: int, with_conv: bool = False):
+    Without ``fir``: a stride-2 3x3 conv (``Conv_0``) with TensorFlow 'SAME' padding (pad
+    right/bottom by one), or 2x2 average pooling without ``with_conv``. With ``fir``
+    (NCSN++): a 3x3 conv fused with FIR downsampling (``Conv2d_0``), or FIR downsampling alone.
+    ``out_ch`` (default C) needs ``with_conv``.
+    """
+
+    def __init__(self, channels: int, with_conv: bool = False, *, out_ch: int | None = None,
+                 fir: bool = False, fir_kernel=DEFAULT_KERNEL):
         super().__init__()
-        if with_conv:
-            self.Conv_0 = _conv3x3(channels, channels, stride=2, padding=0)
-        self.with_conv = with_conv
+        out_ch = out_ch or channels
+        if with_conv and fir:
+            self.Conv2d_0 = _fir_conv(channels, out_ch, up=False, fir_kernel=fir_kernel)
+        elif with_conv:
+            self.Conv_0 = _conv3x3(channels, out_ch, stride=2, padding=0)
+        elif out_ch != channels:
+            raise ValueError(f"Downsample without a conv cannot change {channels} channels to "
+                             f"{out_ch}; set with_conv=True")
+        self.with_conv, self.fir, self.fir_kernel = with_conv, fir, tuple(fir_kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fir:
+            return self.Conv2d_0(x) if self.with_conv else downsample_2d(x, self.fir_kernel)
         if self.with_conv:
             return self.Conv_0(F.pad(x, (0, 1, 0, 1)))
         return F.avg_pool2d(x, kernel_size=2, stride=2)
@@ -156,22 +215,25 @@ class Downsample(nn.Module):
 
 class ResnetBlockDDPM(nn.Module):
     """GroupNorm-SiLU-conv, + Dense(SiLU(temb)) per channel, GroupNorm-SiLU-dropout-conv (init
-    near zero), plus the input (through a NIN when the channel count changes)."""
+    near zero: variance scale ``init_scale``, 0 = 1e-10), plus the input (through a NIN when
+    the channel count changes). ``skip_rescale`` divides the sum by sqrt(2) and ``group_rule``
+    picks the GroupNorm groups (NCSN++'s ``ResnetBlockDDPMpp`` options)."""
 
     def __init__(self, in_ch: int, out_ch: int | None = None, *, temb_dim: int | None = None,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, skip_rescale: bool = False, init_scale: float = 0.0,
+                 group_rule=None):
         super().__init__()
         out_ch = out_ch or in_ch
-        self.GroupNorm_0 = _group_norm(in_ch)
+        self.GroupNorm_0 = _group_norm(in_ch, group_rule)
         self.Conv_0 = _conv3x3(in_ch, out_ch)
         if temb_dim is not None:
             self.Dense_0 = _dense(temb_dim, out_ch)
-        self.GroupNorm_1 = _group_norm(out_ch)
+        self.GroupNorm_1 = _group_norm(out_ch, group_rule)
         self.Dropout_0 = nn.Dropout(dropout)
-        self.Conv_1 = _conv3x3(out_ch, out_ch, init_scale=0.0)
+        self.Conv_1 = _conv3x3(out_ch, out_ch, init_scale=init_scale)
         if in_ch != out_ch:
             self.NIN_0 = NIN(in_ch, out_ch)
-        self.in_ch, self.out_ch = in_ch, out_ch
+        self.in_ch, self.out_ch, self.skip_rescale = in_ch, out_ch, skip_rescale
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.Conv_0(F.silu(self.GroupNorm_0(x)))
@@ -180,7 +242,7 @@ class ResnetBlockDDPM(nn.Module):
         h = self.Conv_1(self.Dropout_0(F.silu(self.GroupNorm_1(h))))
         if self.in_ch != self.out_ch:
             x = self.NIN_0(x)
-        return x + h
+        return _skip_sum(x, h, self.skip_rescale)
 
 
 # --------------------------------------------------------------------------- the network
@@ -313,6 +375,9 @@ class DDPM(nn.Module):
 
 #: Buffers of the official model that this implementation does not have (see module docstring).
 _DROPPED_KEYS = ("sigmas",)
+#: Parameters that the official models create with requires_grad=False (NCSN++'s Gaussian
+#: Fourier features ``W``, always module 0): their EMA neither tracks nor overwrites them.
+_FROZEN_KEYS = ("all_modules.0.W",)
 
 
 def convert_score_sde_state_dict(state: dict, *, ema: bool = False) -> dict:
@@ -325,9 +390,11 @@ def convert_score_sde_state_dict(state: dict, *, ema: bool = False) -> dict:
     ``strict=True`` (use ``load_state_dict_strict`` for a message naming a bad key).
 
     ``ema=True`` (whole checkpoints only) returns the EMA weights instead: their
-    ``checkpoint['ema']['shadow_params']`` is a bare list in ``model.parameters()`` order; for
-    DDPM every state-dict entry but ``sigmas`` is a parameter, in that same order (checked
-    against their code), so the list is matched to the model's keys one to one.
+    ``checkpoint['ema']['shadow_params']`` is a bare list of the parameters with
+    ``requires_grad`` in ``model.parameters()`` order; for DDPM and NCSN++ every state-dict
+    entry but ``sigmas`` is a parameter, in that same order (checked against their code), so
+    the list is matched to the model's keys one to one, skipping the frozen Fourier features
+    ``all_modules.0.W`` of NCSN++, which keep the model's value (as their ``copy_to`` does).
     """
     checkpoint = state
     if "model" in state and isinstance(state["model"], dict):
@@ -344,14 +411,16 @@ def convert_score_sde_state_dict(state: dict, *, ema: bool = False) -> dict:
     shadow = checkpoint.get("ema", {}).get("shadow_params")
     if shadow is None:
         raise ValueError("checkpoint has no ema['shadow_params']")
-    if len(shadow) != len(out):
+    tracked = [key for key in out if key not in _FROZEN_KEYS]
+    if len(shadow) != len(tracked):
         raise ValueError(f"ema['shadow_params'] has {len(shadow)} tensors but the model state "
-                         f"has {len(out)} parameters")
-    for (key, value), avg in zip(out.items(), shadow):
-        if tuple(avg.shape) != tuple(value.shape):
+                         f"has {len(tracked)} trainable parameters")
+    for key, avg in zip(tracked, shadow):
+        if tuple(avg.shape) != tuple(out[key].shape):
             raise ValueError(f"EMA tensor for {key!r} has shape {tuple(avg.shape)}, the model "
-                             f"has {tuple(value.shape)}")
-    return dict(zip(out, shadow))
+                             f"has {tuple(out[key].shape)}")
+    averaged = dict(zip(tracked, shadow))
+    return {key: averaged.get(key, value) for key, value in out.items()}
 
 
 def load_state_dict_strict(model: nn.Module, state: dict) -> None:
