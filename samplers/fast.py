@@ -43,6 +43,9 @@ SPACINGS = ("logsnr", "uniform", "karras")
 WARMUPS = ("lower_order", "singlestep")
 #: Valid ``algorithm`` names of ``dpm_solver_sample``: data (++) or noise prediction.
 DPM_ALGORITHMS = ("dpmsolver++", "dpmsolver")
+#: ``dpm_solver_sample(lower_order_final=True)`` lowers the final multistep orders only for
+#: runs of fewer steps than this (the official DPM-Solver / diffusers threshold).
+LOWER_ORDER_FINAL_BELOW = 15
 
 
 # ----- checks -------------------------------------------------------------------------------
@@ -217,7 +220,7 @@ def ddim_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, eta
 def dpm_solver_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, order: int = 2,
                       multistep: bool = True, algorithm: str = "dpmsolver++",
                       spacing: str = "logsnr", eps: float = 1e-3, denoise: bool = True,
-                      warmup: str = "lower_order",
+                      warmup: str = "lower_order", lower_order_final: bool = True,
                       generator: torch.Generator | None = None, device=None,
                       dtype: torch.dtype | None = None, x_init: torch.Tensor | None = None,
                       progress: bool = False, callback: Callable | None = None) -> SampleResult:
@@ -247,6 +250,14 @@ def dpm_solver_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 2
         O(h^2), which bounds 3M's global order by 2 when that step matters (measured on VE).
         "singlestep" takes the first 3M step with the single-step second-order method (one
         more evaluation), which keeps 3M third order.
+        Lower-order final steps (``lower_order_final``, on by default as in the official
+        DPM-Solver code): with fewer than LOWER_ORDER_FINAL_BELOW = 15 steps (the official
+        code's current threshold; older versions used 10), multistep step i (0-based) uses
+        order min(order, num_steps - i): the last step is first order, the one before at
+        most second order. Its purpose is stability with trained networks, whose outputs
+        are least smooth at small t, where few-step grids take their longest extrapolations;
+        on the exact score it costs accuracy (bench/README.md). It does not change
+        single-step methods or runs of >= 15 steps.
     All phi functions use expm1 for accuracy when h is small.
 
     Args:
@@ -256,6 +267,7 @@ def dpm_solver_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 2
         num_steps: steps (outer steps for single-step methods); nfe = num_steps * (1 or
             order) (+ 1 with warmup="singlestep" and order 3 multistep) (+ 1 if denoise).
         warmup: "lower_order" or "singlestep", how multistep order 3 starts (see above).
+        lower_order_final: lower orders for the last multistep steps when num_steps < 15.
         Others as in ``ddim_sample``. callback gets {"step", "t", "x"} after every step.
     """
     check_choice("algorithm", algorithm, DPM_ALGORITHMS)
@@ -266,6 +278,7 @@ def dpm_solver_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 2
     num_steps, eps, x, t, counter = _setup(score_fn, sde, shape, num_steps, spacing, eps,
                                            generator, device, dtype, x_init)
     data = algorithm == "dpmsolver++"
+    lower_final = bool(lower_order_final) and num_steps < LOWER_ORDER_FINAL_BELOW
     model = _Model(counter, x.shape[0], data=data)
     sch = _Schedule(sde, t)
     guard = NonFiniteGuard(t[1:])
@@ -290,7 +303,9 @@ def dpm_solver_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 2
                     history.insert(0, m0)
                     del history[order:]
                     k = min(order, i + 1)
-                    if k == 1 and singlestep_start:
+                    if lower_final:
+                        k = min(k, num_steps - i)
+                    if k == 1 and singlestep_start and i == 0:
                         x = _singlestep_2_step(x, m0, model, data, a_s, sd_s, a_t, sd_t, h,
                                                mids[0], i)
                     elif k == 1:

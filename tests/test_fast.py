@@ -17,6 +17,8 @@ import torch
 
 import samplers
 import sde_lib
+import samplers.fast as fast_module
+from samplers.common import CountingScore
 from samplers.fast import (DPM_ALGORITHMS, SPACINGS, ddim_sample, dpm_solver_sample,
                            timesteps)
 from testbed import (fitted_order, flow_problem_score, frechet_distance,
@@ -189,18 +191,99 @@ def gaussian():
     return (dist, *reference_and_floor(dist, N_GAUSS))
 
 
+#: FD / floor at 10 and 20 steps on the 64-D spread Gaussian (exact score, float64 state,
+#: log-SNR steps, defaults otherwise: final Tweedie step, lower-order final steps), measured
+#: VP / sub-VP / VE, and the bounds checked. Each bound is 1.25x the worst of the three SDEs,
+#: rounded up: tight enough that a method losing an order fails (a first-order update is at
+#: 5-15x the floor at 10 steps, the second-order ones at 1.0-2.3x), loose enough for the seed.
+#: Order 1 (either algorithm) is DDIM eta=0 exactly (test_ddim_eta0_equals_first_order_...).
+#: (id, function, kwargs, nfe per step, bound at 10 steps, bound at 20 steps)
+FD_CASES = [
+    # 7.74 / 14.64 / 5.41 at 10, 2.72 / 4.76 / 2.12 at 20
+    ("ddim eta=0", ddim_sample, dict(eta=0.0), 1, 18.0, 6.0),
+    # ancestral: 18.53 / 30.26 / 13.82, 7.17 / 12.34 / 5.11 (see also the 50/200-step test)
+    ("ddim eta=1", ddim_sample, dict(eta=1.0), 1, 38.0, 15.5),
+    # 1.25 / 1.40 / 1.22, 1.07 / 1.19 / 1.08
+    ("dpm++ 2M", dpm_solver_sample, dict(order=2), 1, 1.75, 1.5),
+    # 1.26 / 2.27 / 1.13, 0.98 / 1.04 / 1.03
+    ("dpm 2M", dpm_solver_sample, dict(order=2, algorithm="dpmsolver"), 1, 2.9, 1.3),
+    # 1.20 / 2.03 / 1.11, 0.98 / 1.03 / 1.03
+    ("dpm++ 2S", dpm_solver_sample, dict(order=2, multistep=False), 2, 2.6, 1.3),
+    # 1.94 / 5.49 / 1.43, 1.09 / 1.32 / 1.08
+    ("dpm 2S", dpm_solver_sample, dict(order=2, multistep=False, algorithm="dpmsolver"), 2,
+     6.9, 1.7),
+    # 3.12 / 3.73 / 1.19, 1.01 / 1.07 / 1.04
+    ("dpm++ 3M", dpm_solver_sample, dict(order=3), 1, 4.7, 1.35),
+    # 1.00 / 1.43 / 1.03, 0.99 / 0.98 / 1.04
+    ("dpm 3M", dpm_solver_sample, dict(order=3, algorithm="dpmsolver"), 1, 1.8, 1.3),
+    # 1.00 / 1.00 / 1.04, 1.00 / 1.00 / 1.04
+    ("dpm++ 3S", dpm_solver_sample, dict(order=3, multistep=False), 3, 1.3, 1.3),
+    # 1.01 / 1.04 / 1.04, 1.00 / 1.00 / 1.04
+    ("dpm 3S", dpm_solver_sample, dict(order=3, multistep=False, algorithm="dpmsolver"), 3,
+     1.3, 1.3),
+]
+
+
 @pytest.mark.parametrize("sde_name", SDES)
-def test_dpm_solver_pp_2m_recovers_64d_gaussian(gaussian, sde_name):
-    """DPM-Solver++(2M), log-SNR steps. Floor 0.108; measured FD at 10 steps 0.142 / 0.155 /
-    0.134 (VP / sub-VP / VE; 1.31x / 1.43x / 1.23x the floor) and at 20 steps 0.116 / 0.129 /
-    0.117 (1.07x / 1.19x / 1.08x). Bounds: 1.7x at 10 steps, 1.35x at 20."""
+@pytest.mark.parametrize("case", FD_CASES, ids=[c[0] for c in FD_CASES])
+def test_fd_at_10_and_20_steps(gaussian, sde_name, case):
+    """Every fast sampler: FD at 10 and 20 steps within its bound (FD_CASES), and the FD falls
+    toward the floor as the steps double: FD(20) <= FD(10) + 0.05 floor (the slack covers
+    solvers already at the floor at 10 steps, where the rest is the sample sets' noise)."""
+    _, fn, kwargs, per_step, bound_10, bound_20 = case
     dist, reference, floor = gaussian
     sde = SDES[sde_name]()
-    for steps, bound in ((10, 1.7), (20, 1.35)):
-        result = dpm_solver_sample(dist.score_fn(sde), sde, (N_GAUSS, 64), num_steps=steps,
-                                   dtype=F64, generator=torch.Generator().manual_seed(1))
-        assert result.nfe == steps + 1
-        assert frechet_distance(result.x, reference) < bound * floor
+    fd = {}
+    for steps, bound in ((10, bound_10), (20, bound_20)):
+        result = fn(dist.score_fn(sde), sde, (N_GAUSS, 64), num_steps=steps, dtype=F64,
+                    generator=torch.Generator().manual_seed(1), **kwargs)
+        assert result.nfe == per_step * steps + 1
+        fd[steps] = frechet_distance(result.x, reference)
+        assert fd[steps] < bound * floor, (steps, fd[steps] / floor)
+    assert fd[20] <= fd[10] + 0.05 * floor, fd
+
+
+@pytest.mark.parametrize("algorithm", DPM_ALGORITHMS)
+@pytest.mark.parametrize("sde_name", SDES)
+def test_lower_order_final(sde_name, algorithm):
+    """lower_order_final (default on): with num_steps < 15 the last multistep step is the
+    first-order update from the previous state and the model output there, the one before at
+    most second order; with >= 15 steps, or single-step methods, nothing changes."""
+    sde = SDES[sde_name]()
+    x_T = sde.prior_sampling((8, 4), generator=torch.Generator().manual_seed(4), dtype=F64)
+    score = flow_problem_score(sde)
+
+    def run(n, **kw):
+        states = []
+        r = dpm_solver_sample(score, sde, x_T.shape, num_steps=n, x_init=x_T, denoise=False,
+                              algorithm=algorithm, callback=lambda d: states.append(d["x"]),
+                              **kw)
+        return r.x, states
+
+    # order 2, 6 steps: steps 0-4 as without, the last one first order
+    on, states_on = run(6, order=2)
+    off, states_off = run(6, order=2, lower_order_final=False)
+    for a, b in zip(states_on[:5], states_off[:5]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (on - off).abs().max() > 1e-6
+    t = timesteps(sde, 6)
+    x, model = states_on[4], fast_module._Model(CountingScore(score), 8,
+                                                data=algorithm == "dpmsolver++")
+    (a_s, a_t), (sd_s, sd_t) = sde.marginal_coeffs(t[5:])
+    lam_s, lam_t = 0.5 * sde.log_snr(t[5:])
+    m0 = model(x, t[5], a_s, sd_s)
+    expected = fast_module._first_order(x, m0, algorithm == "dpmsolver++", a_s, sd_s, a_t,
+                                        sd_t, lam_t - lam_s)
+    torch.testing.assert_close(on, expected, rtol=1e-12, atol=1e-12)
+    # order 3, 2 steps: orders 1, 1 = DPM-Solver-1 = DDIM
+    torch.testing.assert_close(run(2, order=3)[0], ddim_sample(
+        score, sde, x_T.shape, num_steps=2, x_init=x_T, denoise=False).x, rtol=1e-10,
+        atol=1e-10)
+    # >= 15 steps and single-step: no change
+    for kw in (dict(num_steps=15, order=3), dict(num_steps=6, order=3, multistep=False)):
+        n = kw.pop("num_steps")
+        torch.testing.assert_close(run(n, **kw)[0], run(n, lower_order_final=False, **kw)[0],
+                                   rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("sde_name", SDES)
