@@ -14,7 +14,13 @@ def training_group(*, n_iters: int, batch_size: int, log_freq: int) -> ml_collec
     """The DSM objective's options (sde_lib.build_loss_fn) and the loop's length and logging."""
     return ml_collections.ConfigDict(dict(
         n_iters=n_iters, batch_size=batch_size, continuous=True, reduce_mean=False,
-        likelihood_weighting=False, importance_sampling=False, eps=1e-5, log_freq=log_freq))
+        likelihood_weighting=False, importance_sampling=False, eps=1e-5, log_freq=log_freq,
+        # run_lib.train: 'no' | 'bf16' (autocast of the network forward; fp32 weights and loss)
+        mixed_precision="no",
+        # sample grids with the EMA weights every sample_freq steps (0: off), fast sampler
+        sample_freq=10000, num_grid_samples=64, grid_sampler="dpm_solver",
+        # test loss of the EMA weights every eval_freq steps (0: off) on eval_batches batches
+        eval_freq=5000, eval_batches=8))
 
 
 def optim_group(*, warmup: int) -> ml_collections.ConfigDict:
