@@ -13,12 +13,13 @@ from .fir import (FIRConv2d, conv_downsample_2d, downsample_2d, setup_kernel, up
 from .mlp import MLPScoreNet
 from .score import VP_TIME_SCALE, get_score_fn
 from .ddpm import DDPM, convert_score_sde_state_dict, load_state_dict_strict
+from .ncsnpp import NCSNpp
 
 __all__ = ["MODELS", "build_model", "build_score_fn", "data_shape", "get_score_fn",
            "MLPScoreNet", "GaussianFourierProjection", "sinusoidal_embedding", "VP_TIME_SCALE",
            "upfirdn2d", "setup_kernel", "upsample_2d", "downsample_2d", "upsample_conv_2d",
            "conv_downsample_2d", "FIRConv2d", "ExponentialMovingAverage",
-           "DDPM", "convert_score_sde_state_dict", "load_state_dict_strict"]
+           "DDPM", "convert_score_sde_state_dict", "load_state_dict_strict", "NCSNpp"]
 
 
 def data_shape(config) -> tuple[int, ...]:
@@ -46,10 +47,27 @@ def _ddpm_kwargs(config) -> dict:
                 num_classes=m.get("num_classes") or None)
 
 
+def _ncsnpp_kwargs(config) -> dict:
+    """NCSN++ / DDPM++ from the official Score SDE config names (configs/*/cifar10_ncsnpp*)."""
+    m, d = config.model, config.data
+    return dict(nf=m.nf, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+                attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
+                resamp_with_conv=m.resamp_with_conv, conditional=m.conditional, fir=m.fir,
+                fir_kernel=tuple(m.fir_kernel), skip_rescale=m.skip_rescale,
+                resblock_type=m.resblock_type, progressive=m.progressive,
+                progressive_input=m.progressive_input,
+                progressive_combine=m.progressive_combine,
+                attention_type=m.get("attention_type", "ddpm"), init_scale=m.init_scale,
+                embedding_type=m.embedding_type, fourier_scale=m.fourier_scale,
+                conv_size=m.get("conv_size", 3), image_size=d.image_size,
+                num_channels=d.num_channels, num_classes=m.get("num_classes") or None)
+
+
 #: config.model.name -> (network class, function config -> its keyword arguments).
 MODELS = {
     "mlp": (MLPScoreNet, _mlp_kwargs),
     "ddpm": (DDPM, _ddpm_kwargs),
+    "ncsnpp": (NCSNpp, _ncsnpp_kwargs),
 }
 
 
