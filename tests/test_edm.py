@@ -76,6 +76,33 @@ def test_edm_churn_64d_gaussian():
     assert fd < 1.25 * floor, (fd, floor)
 
 
+@pytest.fixture(scope="module")
+def gaussian():
+    dist = sde_lib.spread_gaussian(64)
+    reference = dist.sample(2000, generator=torch.Generator().manual_seed(101), dtype=F64)
+    second = dist.sample(2000, generator=torch.Generator().manual_seed(102), dtype=F64)
+    return dist, reference, frechet_distance(second, reference)
+
+
+@pytest.mark.parametrize("sde_name", SDES)
+def test_edm_fd_at_10_and_20_steps(gaussian, sde_name):
+    """Heun, churn 0, Karras rho = 7, on the 64-D spread Gaussian (19 and 39 NFE with the final
+    step). Measured FD / floor (0.108): 8.48 / 15.23 / 2.41 at 10 steps, 1.39 / 1.69 / 1.14
+    at 20 (VP / sub-VP / VE; the Karras grid spends steps below the data's smallest std,
+    bench/README.md). Bounds: 1.25x the worst, rounded: 19 at 10 steps, 2.1 at 20; and the FD
+    falls as the steps double."""
+    dist, reference, floor = gaussian
+    sde = SDES[sde_name]()
+    fd = {}
+    for steps, bound in ((10, 19.0), (20, 2.1)):
+        r = edm_sample(dist.score_fn(sde), sde, (2000, 64), num_steps=steps, dtype=F64,
+                       generator=torch.Generator().manual_seed(1))
+        assert r.nfe == 2 * steps - 1
+        fd[steps] = frechet_distance(r.x, reference)
+        assert fd[steps] < bound * floor, (steps, fd[steps] / floor)
+    assert fd[20] < fd[10], fd
+
+
 def test_edm_churn_is_random_and_reproducible():
     sde = sde_lib.VPSDE()
     score = flow_problem_score(sde)
