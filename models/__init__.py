@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+from functools import partial
 
 from .ema import ExponentialMovingAverage
 from .embeddings import GaussianFourierProjection, sinusoidal_embedding
@@ -13,13 +14,16 @@ from .fir import (FIRConv2d, conv_downsample_2d, downsample_2d, setup_kernel, up
 from .mlp import MLPScoreNet
 from .score import VP_TIME_SCALE, get_score_fn
 from .ddpm import DDPM, convert_score_sde_state_dict, load_state_dict_strict
+from .ncsn import NCSN, NCSNv2
+from .normalization import ConditionalInstanceNorm2dPlus, InstanceNorm2dPlus
 from .ncsnpp import NCSNpp
 
 __all__ = ["MODELS", "build_model", "build_score_fn", "data_shape", "get_score_fn",
            "MLPScoreNet", "GaussianFourierProjection", "sinusoidal_embedding", "VP_TIME_SCALE",
            "upfirdn2d", "setup_kernel", "upsample_2d", "downsample_2d", "upsample_conv_2d",
            "conv_downsample_2d", "FIRConv2d", "ExponentialMovingAverage",
-           "DDPM", "convert_score_sde_state_dict", "load_state_dict_strict", "NCSNpp"]
+           "DDPM", "convert_score_sde_state_dict", "load_state_dict_strict", "NCSNpp",
+           "NCSN", "NCSNv2", "InstanceNorm2dPlus", "ConditionalInstanceNorm2dPlus"]
 
 
 def data_shape(config) -> tuple[int, ...]:
@@ -63,11 +67,36 @@ def _ncsnpp_kwargs(config) -> dict:
                 num_channels=d.num_channels, num_classes=m.get("num_classes") or None)
 
 
+def _refinenet_kwargs(config) -> dict:
+    """NCSN / NCSNv2 keywords, official Score SDE key names (configs/ve/ncsn*/...)."""
+    m, d = config.model, config.data
+    return dict(nf=m.nf, normalization=m.get("normalization", "InstanceNorm++"),
+                nonlinearity=m.get("nonlinearity", "elu"),
+                interpolation=m.get("interpolation", "bilinear"), image_size=d.image_size,
+                num_channels=d.num_channels, num_classes=m.get("num_classes") or None)
+
+
+def _ncsn_kwargs(config) -> dict:
+    """The label embedding has one row per noise level: config.sde.num_scales."""
+    return dict(_refinenet_kwargs(config), num_scales=int(config.sde.num_scales))
+
+
+def _ncsnv2_kwargs(config, variant=None) -> dict:
+    """variant: 'ncsnv2_64' / '_128' / '_256', or None to pick it from the image size."""
+    return dict(_refinenet_kwargs(config), variant=variant or config.model.get("variant"))
+
+
 #: config.model.name -> (network class, function config -> its keyword arguments).
 MODELS = {
     "mlp": (MLPScoreNet, _mlp_kwargs),
     "ddpm": (DDPM, _ddpm_kwargs),
     "ncsnpp": (NCSNpp, _ncsnpp_kwargs),
+    "ncsn": (NCSN, _ncsn_kwargs),
+    "ncsnv2": (NCSNv2, _ncsnv2_kwargs),
+    # the official registry's names, which fix the variant
+    "ncsnv2_64": (NCSNv2, partial(_ncsnv2_kwargs, variant="ncsnv2_64")),
+    "ncsnv2_128": (NCSNv2, partial(_ncsnv2_kwargs, variant="ncsnv2_128")),
+    "ncsnv2_256": (NCSNv2, partial(_ncsnv2_kwargs, variant="ncsnv2_256")),
 }
 
 
