@@ -1,9 +1,14 @@
-"""Sampler and likelihood benchmark on the exact-score 64-D Gaussian (a benchmark, not a test).
+"""Sampler and likelihood benchmark on exact scores (a benchmark, not a test).
 
-    python bench/samplers.py [--quick] [--samples N] [--device cpu|cuda] [--out results.json]
+    python bench/samplers.py [--quick] [--samples N] [--mixture-samples N]
+                             [--problems gauss64,mixture2d] [--device cpu|cuda] [--out results.json]
 
 Every sampler runs on the *exact* score of ``sde_lib.spread_gaussian(64)`` (stds 0.02..1.5
-along a random rotation), so what is measured is the sampler alone. Per sampler and SDE it
+along a random rotation; "gauss64") and of ``sde_lib.eight_mode_mixture()`` (8 modes of std
+0.15 on a circle of radius 2, weights 1..8 / 36; "mixture2d"), so what is measured is the
+sampler alone. On the mixture the quality measures are the FD, the total variation between
+the nearest-mode frequencies and the weights ("mode TV") and the fraction of samples
+stranded off every mode ("off-mode", see ``MixtureReference``). Per sampler and SDE it
 prints the score evaluations (NFE), the wall time, the Frechet distance (FD) of the samples
 to an independent true sample set, the same FD in the data's whitened coordinates (where the
 low-variance directions count as much as the large ones), and the sampler's own overhead:
@@ -11,9 +16,10 @@ the time per step and per NFE with a trivial score (the exact score of N(0, I) d
 elementwise ops), i.e. the cost of the loop, not of the model. The floors are the FDs
 between two independent true sample sets of the same size.
 
-Two sections per SDE: our samplers in their standard setting (N = 1000 steps; --quick: 100),
-and every sampler at matched NFE budgets (10, 20, 50, 100). If k-diffusion is installed
-(``bash bench/setup_env.sh``; bench/README.md) its samplers run on the same exact score,
+Two sections per problem and SDE: our samplers in their standard setting (N = 1000 steps;
+--quick: 100), and every sampler at matched NFE budgets (5, 10, 20, 50, 100; --quick: 5, 10,
+20), then a summary of the best of ours vs the best of k-diffusion at <= 20 NFE. If
+k-diffusion is installed (``bash bench/setup_env.sh``; bench/README.md) its samplers run on the same exact score,
 through the adapter ``KDiffusionDenoiser`` below, with Karras sigmas, and its
 ``log_likelihood`` is compared with ours against the true log-density.
 
@@ -71,6 +77,9 @@ DIM = 64
 SAMPLE_EPS = 1e-3          # smallest sampling time (pc_sample's default); k-diffusion: sigma(eps)
 LIKELIHOOD_EPS = 1e-5      # time the data sits at for likelihoods (log_likelihood's default)
 KDIFF_INSTALL = "bash bench/setup_env.sh   (then run with .venv-bench/bin/python)"
+
+#: The exact-score problems: the 64-D spread Gaussian and the 2-D eight-mode mixture.
+PROBLEMS = ("gauss64", "mixture2d")
 
 SDES = {
     "VP": lambda N: sde_lib.VPSDE(beta_min=0.1, beta_max=20.0, N=N),
@@ -179,11 +188,14 @@ class Row:
     nfe: int | None
     wall_s: float | None
     fd: float | None
-    fd_whitened: float | None
+    fd_whitened: float | None    # 64-D Gaussian only
     overhead_ms_per_step: float | None
     overhead_ms_per_nfe: float | None
     budget: int | None = None    # the matched-NFE budget this run belongs to, if any
     error: str | None = None     # why the run failed (e.g. non-finite values), if it did
+    problem: str = "gauss64"     # "gauss64" or "mixture2d"
+    mode_tv: float | None = None     # mixture only: TV of nearest-mode frequencies vs weights
+    off_mode: float | None = None    # mixture only: fraction farther than 4 std from every mode
 
 
 @dataclass
@@ -218,24 +230,67 @@ class Reference:
     def whiten(self, x: torch.Tensor) -> torch.Tensor:
         return (x.detach().cpu().to(F64).reshape(x.shape[0], -1) - self.mean) @ self.root_inv
 
+    def scores(self, x: torch.Tensor) -> dict:
+        return dict(fd=frechet_distance(x, self.x),
+                    fd_whitened=frechet_distance(self.whiten(x), self.xw))
 
-def measure(case: Case, sde_name: str, reference: Reference, device, seed: int) -> Row:
+
+#: A sample farther than this many component stds from every mode mean is "off-mode" (for an
+#: isotropic 2-D Gaussian component, P(r > 4 std) = exp(-8) = 3.4e-4).
+OFF_MODE_STDS = 4.0
+
+
+class MixtureReference:
+    """The 2-D eight-mode mixture (``sde_lib.eight_mode_mixture``: weights 1..8 / 36, std 0.15,
+    radius 2). Besides the FD to an independent true set (which sees only the first two
+    moments), two mode-aware measures:
+
+    * mode TV: assign each sample to its nearest mode mean; the total variation
+      0.5 sum_k |frequency_k - weight_k| between those frequencies and the true weights
+      (a sampler that drops or inflates a mode, or mixes the weights up, pays here);
+    * off-mode: the fraction of samples farther than OFF_MODE_STDS = 4 stds (0.6) from every
+      mode mean, i.e. stranded between modes or blurred (truth: 3.4e-4; the modes are 1.53
+      apart, so a midpoint is 0.77 from both).
+    """
+
+    def __init__(self, dist, x: torch.Tensor):
+        self.dist, self.x = dist, x
+        self.std = dist.covs[0, 0, 0].sqrt().item()
+
+    def mode_stats(self, x: torch.Tensor) -> tuple[float, float]:
+        x = x.detach().cpu().to(F64).reshape(x.shape[0], -1)
+        dists = torch.cdist(x, self.dist.means)                       # (B, 8)
+        nearest, index = dists.min(dim=1)
+        freq = torch.bincount(index, minlength=self.dist.means.shape[0]).to(F64) / x.shape[0]
+        tv = 0.5 * (freq - self.dist.weights).abs().sum().item()
+        return tv, (nearest > OFF_MODE_STDS * self.std).to(F64).mean().item()
+
+    def scores(self, x: torch.Tensor) -> dict:
+        tv, off = self.mode_stats(x)
+        return dict(fd=frechet_distance(x, self.x), mode_tv=tv, off_mode=off)
+
+
+def measure(case: Case, sde_name: str, reference, device, seed: int,
+            problem: str = "gauss64") -> Row:
     try:
         (x, nfe), wall = timed(lambda: case.run(case.exact_model, seed), device)
+        if not torch.isfinite(x).all():
+            raise FloatingPointError("non-finite samples")
     except (FloatingPointError, ValueError) as error:
         return Row(case.family, case.sampler, case.steps_label, sde_name, case.steps, None, None,
-                   None, None, None, None, case.budget, str(error).split(";")[0])
+                   None, None, None, None, case.budget, str(error).split(";")[0], problem)
     # Overhead: the fastest of >= 3 runs (up to 20 while they take < 1 s in all) with the
     # trivial model; the minimum filters out one-off costs and other load on a shared machine.
     best, spent, repeats = math.inf, 0.0, 0
     while repeats < 3 or (repeats < 20 and spent < 1.0):
         (_, trivial_nfe), trivial_wall = timed(lambda: case.run(case.trivial_model, seed), device)
         best, spent, repeats = min(best, trivial_wall), spent + trivial_wall, repeats + 1
+    scores = reference.scores(x)
     return Row(case.family, case.sampler, case.steps_label, sde_name, case.steps, nfe, wall,
-               frechet_distance(x, reference.x),
-               frechet_distance(reference.whiten(x), reference.xw),
+               scores["fd"], scores.get("fd_whitened"),
                None if case.steps is None else 1e3 * best / case.steps,
-               1e3 * best / max(trivial_nfe, 1), case.budget)
+               1e3 * best / max(trivial_nfe, 1), case.budget, problem=problem,
+               mode_tv=scores.get("mode_tv"), off_mode=scores.get("off_mode"))
 
 
 # ----- the cases ----------------------------------------------------------------------------------
@@ -305,12 +360,19 @@ def our_cases(dist, make_sde, N: int, ald_steps_each: int, shape, dtype, device,
                 fast(sde, "ddim eta=0 logsnr", n, budget, eta=0.0, spacing="logsnr"),
                 fast(sde, "dpm++ 2M logsnr", n, budget, order=2, multistep=True),
                 fast(sde, "dpm++ 3M logsnr", n, budget, order=3, multistep=True),
+                # the default lowers the last multistep orders below 15 steps (official code)
+                fast(sde, "dpm++ 2M logsnr, lower_order_final off", n, budget, order=2,
+                     multistep=True, lower_order_final=False),
+                fast(sde, "dpm++ 3M logsnr, lower_order_final off", n, budget, order=3,
+                     multistep=True, lower_order_final=False),
                 fast(sde, "dpm++ 3S logsnr", (budget - 1) // 3, budget, order=3,
                      multistep=False),
                 fast(sde, "dpm 2M logsnr (noise pred.)", n, budget, order=2, multistep=True,
                      algorithm="dpmsolver"),
-                fast(sde, "dpm++ 2M karras", n, budget, order=2, multistep=True,
-                     spacing="karras")]
+                # lower_order_final off: then it is k-diffusion's sample_dpmpp_2m exactly
+                # (same grid, update and final step), a check of the adapter
+                fast(sde, "dpm++ 2M karras, lower_order_final off", n, budget, order=2,
+                     multistep=True, spacing="karras", lower_order_final=False)]
     return cases, matched
 
 
@@ -398,27 +460,77 @@ def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
+def quality_headers(problem: str) -> list[str]:
+    return (["FD", "FD whitened"] if problem == "gauss64"
+            else ["FD", "mode TV", "off-mode %"])
+
+
+def quality_cells(r: Row) -> list[str]:
+    """The quality columns of one row: FD and whitened FD (Gaussian) or FD, mode TV and the
+    off-mode percentage (mixture)."""
+    if r.error is not None:
+        return [f"failed: {r.error}"] + ["-"] * (len(quality_headers(r.problem)) - 1)
+    if r.problem == "gauss64":
+        return [fmt(r.fd, ".4f"), fmt(r.fd_whitened, ".3f")]
+    return [fmt(r.fd, ".4f"), fmt(r.mode_tv, ".3f"), fmt(100 * r.off_mode, ".2f")]
+
+
 def sampling_table(rows) -> str:
+    problem = rows[0].problem if rows else "gauss64"
     return markdown(
-        ["sampler", "SDE", "steps", "NFE", "wall (s)", "FD", "FD whitened", "overhead ms/step",
-         "overhead ms/NFE"],
+        ["sampler", "SDE", "steps", "NFE", "wall (s)", *quality_headers(problem),
+         "overhead ms/step", "overhead ms/NFE"],
         [[f"{r.sampler} {r.steps_label}" + (" (k-diffusion)" if r.family != "ours" else ""), r.sde,
-          fmt(r.steps, "d"), fmt(r.nfe, "d"), fmt(r.wall_s, ".2f"),
-          fmt(r.fd, ".4f") if r.error is None else f"failed: {r.error}", fmt(r.fd_whitened, ".3f"),
+          fmt(r.steps, "d"), fmt(r.nfe, "d"), fmt(r.wall_s, ".2f"), *quality_cells(r),
           fmt(r.overhead_ms_per_step, ".3f"), fmt(r.overhead_ms_per_nfe, ".3f")] for r in rows])
 
 
+def matched_cell(r: Row) -> str:
+    """'FD / whitened FD (NFE)' (Gaussian) or 'FD / mode TV / off-mode % (NFE)' (mixture)."""
+    if r.error is not None:
+        return "failed"
+    if r.problem == "gauss64":
+        return f"{r.fd:.3f} / {r.fd_whitened:.2f} ({r.nfe})"
+    return f"{r.fd:.4f} / {r.mode_tv:.3f} / {100 * r.off_mode:.2f} ({r.nfe})"
+
+
 def matched_table(rows, budgets) -> str:
-    """FD by sampler (rows) and NFE budget (columns), one SDE: 'FD / whitened FD (NFE)'."""
+    """Quality by sampler (rows) and NFE budget (columns), one SDE and problem."""
     by_name = {}
     for r in rows:
-        name = f"{r.sampler} ({r.family})"
-        by_name.setdefault(name, {})[r.budget] = ("failed" if r.error is not None
-                                                  else f"{r.fd:.3f} / {r.fd_whitened:.2f} "
-                                                       f"({r.nfe})")
+        by_name.setdefault(f"{r.sampler} ({r.family})", {})[r.budget] = matched_cell(r)
     return markdown(["sampler", *[f"NFE <= {b}" for b in budgets]],
                     [[name, *[cells.get(b, "-") for b in budgets]]
                      for name, cells in by_name.items()])
+
+
+def best_table(rows, budgets, metrics) -> str:
+    """Best of ours vs best of k-diffusion per SDE, budget and metric (lower is better):
+    'value (sampler, NFE)'; the last column says whether ours is lower for every metric."""
+    header = ["SDE", "NFE budget"]
+    for m in metrics:
+        header += [f"ours best {m}", f"k-diffusion best {m}"]
+    header.append("beat best peer?")
+    out = []
+    for sde in dict.fromkeys(r.sde for r in rows):
+        for b in budgets:
+            line, wins = [sde, b], []
+            for m in metrics:
+                best = {}
+                for fam in ("ours", "k-diffusion"):
+                    cand = [r for r in rows if r.sde == sde and r.budget == b and r.family == fam
+                            and r.error is None and getattr(r, m) is not None
+                            and math.isfinite(getattr(r, m))]
+                    best[fam] = min(cand, key=lambda r: getattr(r, m)) if cand else None
+                for fam in ("ours", "k-diffusion"):
+                    r = best[fam]
+                    line.append("-" if r is None else f"{getattr(r, m):.4g} ({r.sampler}, {r.nfe})")
+                if best["ours"] and best["k-diffusion"]:
+                    wins.append("yes" if getattr(best["ours"], m) < getattr(best["k-diffusion"], m)
+                                else "no")
+            line.append(" / ".join(wins) or "-")
+            out.append(line)
+    return markdown(header, out)
 
 
 def overhead_table(rows) -> str:
@@ -460,8 +572,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="N=100 steps (not 1000), NFE budgets 10/20/50, 32 likelihood points")
-    p.add_argument("--samples", type=int, default=2000, help="samples per run (default 2000)")
+                   help="N=100 steps (not 1000), NFE budgets 5/10/20, 32 likelihood points")
+    p.add_argument("--samples", type=int, default=2000,
+                   help="samples per run on the 64-D Gaussian (default 2000)")
+    p.add_argument("--mixture-samples", type=int, default=10000,
+                   help="samples per run on the 2-D mixture (default 10000)")
+    p.add_argument("--problems", default=",".join(PROBLEMS),
+                   help="comma-separated subset of " + ",".join(PROBLEMS))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                    help="sampling state dtype (likelihoods always run in float64)")
@@ -488,7 +605,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     N = 100 if args.quick else 1000
     ald_steps_each = 100                    # NCSN's 10 levels x 100 steps in both modes
-    budgets = (10, 20, 50) if args.quick else (10, 20, 50, 100)
+    budgets = (5, 10, 20) if args.quick else (5, 10, 20, 50, 100)
     n_points = 32 if args.quick else 128
     tol = 1e-5
     sde_names = [s for s in args.sdes.split(",") if s]
@@ -496,6 +613,10 @@ def main(argv=None):
         if s not in SDES:
             raise SystemExit(f"unknown SDE {s!r}; valid: {', '.join(SDES)}")
 
+    problem_names = [p for p in args.problems.split(",") if p]
+    for p in problem_names:
+        if p not in PROBLEMS:
+            raise SystemExit(f"unknown problem {p!r}; valid: {', '.join(PROBLEMS)}")
     dist = sde_lib.spread_gaussian(DIM)
     shape = (args.samples, DIM)
     reference = Reference(dist, dist.sample(args.samples, dtype=F64,
@@ -503,17 +624,27 @@ def main(argv=None):
     second = dist.sample(args.samples, generator=torch.Generator().manual_seed(101), dtype=F64)
     floor = frechet_distance(second, reference.x)
     floor_whitened = frechet_distance(reference.whiten(second), reference.xw)
+    mixture = sde_lib.eight_mode_mixture()
+    mix_shape = (args.mixture_samples, 2)
+    mix_reference = MixtureReference(mixture, mixture.sample(
+        args.mixture_samples, dtype=F64, generator=torch.Generator().manual_seed(100)))
+    mix_floors = mix_reference.scores(mixture.sample(
+        args.mixture_samples, generator=torch.Generator().manual_seed(101), dtype=F64))
     settings = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
                     machine=machine_description(),
                     torch=torch.__version__, device=str(device), threads=torch.get_num_threads(),
                     dtype=args.dtype, samples=args.samples, dim=DIM, N=N, quick=args.quick,
+                    mixture_samples=args.mixture_samples, problems=problem_names,
                     ald_steps_each=ald_steps_each, budgets=list(budgets), sample_eps=SAMPLE_EPS,
                     likelihood_eps=LIKELIHOOD_EPS, likelihood_points=n_points, likelihood_tol=tol,
                     sdes={s: repr(SDES[s](N)) for s in sde_names},
                     k_diffusion=getattr(sys.modules.get("k_diffusion.sampling"), "__file__", None))
     print("# settings: " + json.dumps(settings))
-    print(f"# floor (FD between two independent true sample sets of {args.samples}): {floor:.4f}, "
-          f"whitened {floor_whitened:.3f}")
+    print(f"# gauss64 floor (FD between two independent true sample sets of {args.samples}): "
+          f"{floor:.4f}, whitened {floor_whitened:.3f}")
+    print(f"# mixture2d floors (an independent true set of {args.mixture_samples}): FD "
+          f"{mix_floors['fd']:.4f}, mode TV {mix_floors['mode_tv']:.3f}, off-mode "
+          f"{100 * mix_floors['off_mode']:.2f}%")
     notes = []
     if ode_sample is None:
         notes.append("samplers.ode.ode_sample not importable yet: its rows are skipped")
@@ -525,32 +656,50 @@ def main(argv=None):
     for note in notes:
         print(f"# note: {note}")
 
-    results = dict(settings=settings, floor=floor, floor_whitened=floor_whitened, standard=[],
-                   matched=[], likelihood=[], notes=notes)
-    for sde_name in sde_names:
-        make_sde = SDES[sde_name]
-        cases, matched = our_cases(dist, make_sde, N, ald_steps_each, shape, dtype, device, budgets)
-        rows = [measure(c, sde_name, reference, device, seed=1) for c in cases]
-        print(f"\n## {sde_name}: standard setting (N={N})\n")
-        print(sampling_table(rows), flush=True)
+    results = dict(settings=settings, floor=floor, floor_whitened=floor_whitened,
+                   mixture_floors=mix_floors, standard=[], matched=[], likelihood=[], notes=notes)
+    problems = {"gauss64": (dist, shape, reference,
+                            f"FD / whitened FD (NFE); floors {floor:.4f} / {floor_whitened:.2f}",
+                            ("fd", "fd_whitened")),
+                "mixture2d": (mixture, mix_shape, mix_reference,
+                              f"FD / mode TV / off-mode % (NFE); floors {mix_floors['fd']:.4f} / "
+                              f"{mix_floors['mode_tv']:.3f} / {100 * mix_floors['off_mode']:.2f}",
+                              ("fd", "mode_tv", "off_mode"))}
+    for problem in problem_names:
+        pdist, pshape, pref, legend, metrics = problems[problem]
+        problem_matched = []
+        for sde_name in sde_names:
+            make_sde = SDES[sde_name]
+            cases, matched = our_cases(pdist, make_sde, N, ald_steps_each, pshape, dtype, device,
+                                       budgets)
+            rows = [measure(c, sde_name, pref, device, seed=1, problem=problem) for c in cases]
+            print(f"\n## {problem}, {sde_name}: standard setting (N={N})\n")
+            print(sampling_table(rows), flush=True)
+            if ks is not None:
+                matched += k_cases(ks, pdist, make_sde(N), pshape, dtype, device, budgets)
+            matched_rows = [measure(c, sde_name, pref, device, seed=1, problem=problem)
+                            for c in matched]
+            for r in matched_rows:     # the step counts above are chosen to stay within budget
+                if r.nfe is not None and r.nfe > r.budget:
+                    print(f"# WARNING: {r.sampler} ({r.family}) made {r.nfe} NFE > budget "
+                          f"{r.budget}")
+            print(f"\n## {problem}, {sde_name}: matched NFE budgets, {legend}\n")
+            print(matched_table(matched_rows, budgets))
+            print(f"\n{sampling_table(matched_rows)}", flush=True)
+            results["standard"] += [asdict(r) for r in rows]
+            results["matched"] += [asdict(r) for r in matched_rows]
+            problem_matched += matched_rows
         if ks is not None:
-            matched += k_cases(ks, dist, make_sde(N), shape, dtype, device, budgets)
-        matched_rows = [measure(c, sde_name, reference, device, seed=1) for c in matched]
-        for r in matched_rows:     # the step counts above are chosen to stay within budget
-            if r.nfe is not None and r.nfe > r.budget:
-                print(f"# WARNING: {r.sampler} ({r.family}) made {r.nfe} NFE > budget {r.budget}")
-        print(f"\n## {sde_name}: matched NFE budgets, FD / whitened FD (NFE); floors {floor:.4f} "
-              f"/ {floor_whitened:.2f}\n")
-        print(matched_table(matched_rows, budgets))
-        print(f"\n{sampling_table(matched_rows)}", flush=True)
-        results["standard"] += [asdict(r) for r in rows]
-        results["matched"] += [asdict(r) for r in matched_rows]
+            small = [b for b in budgets if b <= 20]
+            print(f"\n## {problem}: best of ours vs best of k-diffusion at <= 20 NFE\n")
+            print(best_table(problem_matched, small, metrics), flush=True)
 
     all_rows = [Row(**r) for r in results["standard"] + results["matched"]]
-    print(f"\n## overhead with a trivial score, batch {shape}, {args.dtype}\n")
-    print(overhead_table(all_rows), flush=True)
+    print(f"\n## overhead with a trivial score, batch {shape}, {args.dtype} (gauss64 runs)\n")
+    print(overhead_table([r for r in all_rows if r.problem == "gauss64"]), flush=True)
 
-    if not args.no_likelihood and (log_likelihood is not None or ks is not None):
+    if (not args.no_likelihood and "gauss64" in problem_names
+            and (log_likelihood is not None or ks is not None)):
         for sde_name in sde_names:
             results["likelihood"] += likelihood_rows(ks, dist, sde_name, SDES[sde_name](N),
                                                      n_points, tol, device)
