@@ -81,6 +81,13 @@ def _groups(channels: int) -> int:
     return min(channels // 4, 32)
 
 
+def _head(mods, h: torch.Tensor) -> torch.Tensor:
+    """Apply the next two modules, a GroupNorm and a conv, as conv(SiLU(norm(h)))."""
+    norm = next(mods)
+    conv = next(mods)
+    return conv(F.silu(norm(h)))
+
+
 # --------------------------------------------------------------------------- layers
 
 class Combine(nn.Module):
@@ -376,13 +383,13 @@ class NCSNpp(nn.Module):
             if h.shape[-1] in self.attn_resolutions:
                 h = next(mods)(h)
             if self.progressive == "output_skip":
-                out = next(mods)(F.silu(next(mods)(h)))
+                out = _head(mods, h)
                 if pyramid is not None:
                     pyramid = (upsample_2d(pyramid, self.fir_kernel) if self.fir
                                else F.interpolate(pyramid, scale_factor=2.0, mode="nearest"))
                 pyramid = out if pyramid is None else pyramid + out
             elif self.progressive == "residual" and pyramid is None:
-                pyramid = next(mods)(F.silu(next(mods)(h)))
+                pyramid = _head(mods, h)
             elif self.progressive == "residual":
                 pyramid = h = _skip_sum(next(mods)(pyramid), h, self.skip_rescale)
             if level != 0:
@@ -390,7 +397,7 @@ class NCSNpp(nn.Module):
         assert not hs
         if self.progressive == "output_skip":
             return pyramid
-        return next(mods)(F.silu(next(mods)(h)))
+        return _head(mods, h)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
