@@ -53,8 +53,6 @@ and every residual block's ``Dense_0`` still exist (unused), so the key layout s
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -79,6 +77,16 @@ _CHOICES = {
 def _groups(channels: int) -> int:
     """NCSN++'s GroupNorm rule: min(C // 4, 32) groups."""
     return min(channels // 4, 32)
+
+
+def _up2(x: torch.Tensor, fir: bool, kernel) -> torch.Tensor:
+    """x2 upsampling without weights: FIR with ``kernel``, or nearest neighbour."""
+    return upsample_2d(x, kernel) if fir else F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+def _down2(x: torch.Tensor, fir: bool, kernel) -> torch.Tensor:
+    """/2 downsampling without weights: FIR with ``kernel``, or 2x2 average pooling."""
+    return downsample_2d(x, kernel) if fir else F.avg_pool2d(x, kernel_size=2, stride=2)
 
 
 def _head(mods, h: torch.Tensor) -> torch.Tensor:
@@ -137,11 +145,9 @@ class ResnetBlockBigGAN(nn.Module):
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
         if self.up:
-            return (upsample_2d(x, self.fir_kernel) if self.fir
-                    else F.interpolate(x, scale_factor=2.0, mode="nearest"))
+            return _up2(x, self.fir, self.fir_kernel)
         if self.down:
-            return (downsample_2d(x, self.fir_kernel) if self.fir
-                    else F.avg_pool2d(x, kernel_size=2, stride=2))
+            return _down2(x, self.fir, self.fir_kernel)
         return x
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -366,8 +372,7 @@ class NCSNpp(nn.Module):
                 break
             h = next(mods)(hs[-1]) if self.resblock_type == "ddpm" else next(mods)(hs[-1], temb)
             if self.progressive_input == "input_skip":
-                pyramid = (downsample_2d(pyramid, self.fir_kernel) if self.fir
-                           else F.avg_pool2d(pyramid, kernel_size=2, stride=2))
+                pyramid = _down2(pyramid, self.fir, self.fir_kernel)
                 h = next(mods)(pyramid, h)
             elif self.progressive_input == "residual":
                 pyramid = h = _skip_sum(next(mods)(pyramid), h, self.skip_rescale)
@@ -385,8 +390,7 @@ class NCSNpp(nn.Module):
             if self.progressive == "output_skip":
                 out = _head(mods, h)
                 if pyramid is not None:
-                    pyramid = (upsample_2d(pyramid, self.fir_kernel) if self.fir
-                               else F.interpolate(pyramid, scale_factor=2.0, mode="nearest"))
+                    pyramid = _up2(pyramid, self.fir, self.fir_kernel)
                 pyramid = out if pyramid is None else pyramid + out
             elif self.progressive == "residual" and pyramid is None:
                 pyramid = _head(mods, h)

@@ -14,23 +14,24 @@ configs/vp/cifar10_ddpmpp{,_deep}_continuous.py):
 * loading the official weights (randomised, including the ~0-initialised layers) with
   ``convert_score_sde_state_dict`` + ``load_state_dict_strict`` gives the same outputs: max abs
   difference 1.4e-6 to 3.1e-6 (outputs of size ~2-4) for positional-embedding models and 1.5e-5
-  to 3.3e-5 for Fourier ones, at 16x16 for seven tiny variants covering every option
+  to 3.3e-5 for Fourier ones, at 16x16 for nine tiny variants covering every option
   (resblock ddpm/biggan, fir on/off, resamp_with_conv off, progressive none/output_skip/residual,
-  progressive_input none/input_skip/residual, combine sum/cat, skip_rescale off, init_scale 0.3)
+  progressive_input none/input_skip/residual, combine sum/cat, skip_rescale off, init_scale 0.3,
+  conditional off)
   and for the four CIFAR-10 models at 32x32 (numbers in the docstring of
   ``test_official_parameter_counts_and_keys``). The larger Fourier difference is float32
-  rounding of the feature argument 2 pi W log(sigma) (|W| ~ 16, arguments up to ~10^3 where one ulp is 6e-5): our
-  shared ``GaussianFourierProjection`` multiplies in another order; with the official order
-  the difference falls to 1.7e-6.
+  rounding of the feature argument 2 pi W log(sigma) (|W| ~ 16, arguments up to ~10^3
+  where one ulp is 6e-5): our shared ``GaussianFourierProjection`` multiplies in another
+  order; with the official order the difference falls to 1.7e-6.
 * the official pipeline for a VE checkpoint (uncentered [0, 1] data, ``scale_by_sigma``)
   equals ours as ``model(2 x - 1, sigma) / sigma`` (checked on the CIFAR-10 NCSN++ model).
 * ``GOLDEN`` holds a few outputs of the official tiny 8x8 models filled with the
   deterministic weights of ``_fill_deterministic``; the tests recompute them here.
 
-Three paths of the official PyTorch code cannot run as published (FIR ``Upsample`` with a
-conv: ``w[..., ::-1, ::-1]`` on a tensor, then a 4-element conv_transpose2d stride; the
-non-FIR ``Upsample``: ``F.interpolate(x, size, 'nearest')``); none is used by the CIFAR-10
-configs. They were compared after fixing them to their evident intent (the StyleGAN2 /
+Two layers of the official PyTorch code cannot run as published: the FIR ``Upsample`` with a
+conv (``w[..., ::-1, ::-1]`` on a tensor, then a 4-element stride for conv_transpose2d) and
+the non-FIR ``Upsample`` (``F.interpolate(x, size, 'nearest')`` passes the mode as the scale
+factor); the CIFAR-10 configs use neither. They were compared after fixing them to their evident intent (the StyleGAN2 /
 TensorFlow semantics that models/fir.py implements and tests/test_fir.py checks).
 """
 import math
