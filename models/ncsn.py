@@ -2,12 +2,13 @@
 convolutions, state-dict compatible with the Score SDE PyTorch code.
 
 Parameter names, shapes and registration order follow yang-song/score_sde_pytorch
-(``models/ncsnv2.py``: ``ncsn``, ``ncsnv2_64``, ``ncsnv2_128``, ``ncsnv2_256``; ``models/layers.py``;
-``models/normalization.py``), so its checkpoints load with ``strict=True`` after
-``models.convert_score_sde_state_dict`` and its EMA ``shadow_params`` list lines up with
-``model.parameters()``. At the CIFAR-10 settings (nf=128, 3 channels, 32x32; NCSN with 10 noise
-levels) the parameter counts are NCSN 30,117,635 and NCSNv2 29,694,083 (NCSNv2 at 128 px:
-83,445,379; at 256 px: 94,132,611).
+(``models/ncsnv2.py``: ``ncsn``, ``ncsnv2_64``, ``ncsnv2_128``, ``ncsnv2_256``;
+``models/layers.py``; ``models/normalization.py``), so its checkpoints load with
+``strict=True`` after ``models.convert_score_sde_state_dict`` and its EMA ``shadow_params``
+list lines up with ``model.parameters()``. At the CIFAR-10 settings (nf=128, 3 channels,
+32x32; NCSN with 10 noise levels) the parameter counts are NCSN 30,117,635 and NCSNv2
+29,694,083 (NCSNv2 at 128 px: 83,445,379; at 256 px: 94,132,611). With the same weights the
+outputs agree with (a minimally fixed build of) that code to float rounding (tests/test_ncsn.py).
 
 Architecture (NCSN / NCSNv2 at < 96 px): a 3x3 conv to nf channels; four stages of two residual
 blocks (nf, 2 nf with one 2x2 mean-pool downsampling, 2 nf with dilation 2, 2 nf with dilation
@@ -27,9 +28,11 @@ Differences from that code, on purpose:
   its dilation ('SAME', as in the JAX Score SDE code and the NCSNv2 repository) and NCSN uses
   the conditional norm with ``num_scales`` rows. None of this changes a parameter shape.
 * No data rescaling in ``forward`` (the official code computes ``2 x - 1`` for uncentered
-  data), and NCSNv2 neither holds a ``sigmas`` buffer nor divides by ``sigmas[label]``:
-  ``models.get_score_fn(..., scale_by_sigma=True)`` owns that division. The converter drops
-  the buffer.
+  data; here ``models.get_score_fn(..., center_input=True)`` does), and NCSNv2 neither holds a
+  ``sigmas`` buffer nor divides by ``sigmas[label]``: ``get_score_fn(..., scale_by_sigma=True)``
+  owns that division. The converter drops the buffer.
+* 2x2 mean pooling is ``avg_pool2d`` (the official code sums four strided slices): the same
+  numbers up to float rounding.
 * A "down" block with dilation > 1 does not downsample (the official behaviour once its convs
   keep the size): only undilated "down" blocks halve the map, so inputs must have sides
   divisible by 2 (NCSN, NCSNv2 < 96 px), 4 (128 px) or 8 (256 px), and at least twice that.
@@ -72,7 +75,8 @@ def _conv3x3(in_ch: int, out_ch: int, *, dilation: int = 1, bias: bool = True) -
 
 
 class ConvMeanPool(nn.Module):
-    """A size-keeping conv (``conv``), then 2x2 mean pooling: (B, in, H, W) -> (B, out, H/2, W/2)."""
+    """A size-keeping conv (``conv``), then 2x2 mean pooling:
+    (B, in, H, W) -> (B, out, H/2, W/2)."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3):
         super().__init__()
