@@ -74,7 +74,7 @@ def test_adaptive_nfe_falls_as_tolerance_loosens(gaussian, sde_name, order):
 def test_from_config_uses_the_adaptive_tolerances():
     """sample_from_config(method="dpm_adaptive") reads sampling.adaptive_rtol / adaptive_atol
     (defaults 0.05 / 0.0078), not the ode sampler's rtol / atol (1e-5)."""
-    from configs.toy.default_toy import get_default_configs
+    from configs.default_toy import get_default_configs
     sampling = get_default_configs().sampling
     assert (sampling.adaptive_rtol, sampling.adaptive_atol) == (RTOL, ATOL)
     assert sampling.rtol == 1e-5

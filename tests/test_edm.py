@@ -200,7 +200,7 @@ def test_exported_and_from_config():
     for name in ("edm_sample", "dpm_solver_adaptive_sample"):
         assert hasattr(samplers, name) and name in samplers.__all__
     assert {"edm", "dpm_adaptive"} <= set(samplers.SAMPLERS)
-    from configs.toy.default_toy import get_default_configs
+    from configs.default_toy import get_default_configs
     config = get_default_configs()
     sde = sde_lib.VPSDE()
     score = flow_problem_score(sde)

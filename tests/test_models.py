@@ -155,7 +155,7 @@ def test_mlp_output_depends_on_noise_level_and_class():
 
 
 def toy_config(sde_name: str, n_iters: int) -> ConfigDict:
-    from configs.toy import default_toy
+    from configs import default_toy
     config = default_toy.get_default_configs()
     config.sde.name = sde_name
     if sde_name == "vesde":

@@ -1,6 +1,6 @@
 """VE SDE (continuous NCSN) on the 2-D eight-mode mixture: sigma-conditioned network with
 Fourier features of log sigma, output divided by sigma."""
-from configs.toy.default_toy import get_default_configs
+from configs.default_toy import get_default_configs
 
 
 def get_config():

@@ -1,5 +1,5 @@
 """VP SDE (continuous DDPM) on the 2-D eight-mode mixture."""
-from configs.toy.default_toy import get_default_configs
+from configs.default_toy import get_default_configs
 
 
 def get_config():
