@@ -596,6 +596,10 @@ def parse_args(argv=None):
     p.add_argument("--sdes", default=",".join(SDES),
                    help="comma-separated subset of " + ",".join(SDES))
     p.add_argument("--no-likelihood", action="store_true", help="skip the likelihood comparison")
+    p.add_argument("--no-standard", action="store_true",
+                   help="skip the standard-setting section (N-step PC, ALD, dopri5)")
+    p.add_argument("--budgets", help="comma-separated NFE budgets (default 5,10,20,50,100; "
+                   "--quick: 5,10,20)")
     p.add_argument("--out", help="write all rows and settings to this JSON file")
     p.add_argument("--summarize", metavar="RESULTS_JSON",
                    help="only print the <= 20 NFE summaries of an earlier --out file, and exit")
@@ -636,6 +640,8 @@ def main(argv=None):
     N = 100 if args.quick else 1000
     ald_steps_each = 100                    # NCSN's 10 levels x 100 steps in both modes
     budgets = (5, 10, 20) if args.quick else (5, 10, 20, 50, 100)
+    if args.budgets:
+        budgets = tuple(int(b) for b in args.budgets.split(",") if b)
     n_points = 32 if args.quick else 128
     tol = 1e-5
     sde_names = [s for s in args.sdes.split(",") if s]
@@ -702,9 +708,11 @@ def main(argv=None):
             make_sde = SDES[sde_name]
             cases, matched = our_cases(pdist, make_sde, N, ald_steps_each, pshape, dtype, device,
                                        budgets)
-            rows = [measure(c, sde_name, pref, device, seed=1, problem=problem) for c in cases]
-            print(f"\n## {problem}, {sde_name}: standard setting (N={N})\n")
-            print(sampling_table(rows), flush=True)
+            rows = [] if args.no_standard else [
+                measure(c, sde_name, pref, device, seed=1, problem=problem) for c in cases]
+            if rows:
+                print(f"\n## {problem}, {sde_name}: standard setting (N={N})\n")
+                print(sampling_table(rows), flush=True)
             if ks is not None:
                 matched += k_cases(ks, pdist, make_sde(N), pshape, dtype, device, budgets)
             matched_rows = [measure(c, sde_name, pref, device, seed=1, problem=problem)
