@@ -24,7 +24,8 @@ flag stay on the device; they are read back (one sync) only at log steps, before
 checkpoint write and at the end. A step whose loss or gradient norm is not finite does not
 change the weights: the fused Adam kernel takes that flag as ``found_inf`` (the protocol of
 torch's GradScaler) and skips the update of the weights, both moments and the step count on
-the device. Training then stops at the next read-back with the number of the first bad step,
+the device (the EMA still takes its update towards the unchanged weights, so it stays
+finite). Training then stops at the next read-back with the number of the first bad step,
 before any checkpoint is written, so the last good checkpoint stays the newest one.
 
 Mixed precision (config.training.mixed_precision='bf16'): torch.autocast in bfloat16 around
@@ -479,7 +480,7 @@ def _train(config, workdir, ckpt_dir, latest, ctx, device, progress) -> dict:
     found_inf = torch.zeros((), device=device)
     model.train()
     started = window_start = time.perf_counter()
-    window_images = 0
+    window_images = window_steps = 0
     try:
         while step < n_iters:
             x, labels = next(batches)
@@ -499,6 +500,7 @@ def _train(config, workdir, ckpt_dir, latest, ctx, device, progress) -> dict:
             record.add(step, loss, grad_norm, bad)
             step += 1
             window_images += x.shape[0] * ctx.world_size
+            window_steps += 1
             bar.update(1)
 
             log_now = step % tcfg.log_freq == 0 or step == n_iters
@@ -513,9 +515,9 @@ def _train(config, workdir, ckpt_dir, latest, ctx, device, progress) -> dict:
                         writer.add_scalar("train/grad_norm", g, s + 1)
             if log_now:
                 now = time.perf_counter()
-                seconds_per_step = (now - window_start) / max(len(done), 1)
+                seconds_per_step = (now - window_start) / window_steps
                 images_per_s = window_images / max(now - window_start, 1e-9)
-                window_start, window_images = now, 0
+                window_start, window_images, window_steps = now, 0, 0
                 if writer is not None:
                     writer.add_scalar("train/lr", lr, step)
                     writer.add_scalar("train/images_per_s", images_per_s, step)
