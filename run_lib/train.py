@@ -354,6 +354,42 @@ class _StepRecord:
         return [(first + i, loss, grad_norm) for i, (loss, grad_norm, _) in enumerate(values)]
 
 
+def _use_fused_adam(optimizer: torch.optim.Optimizer) -> None:
+    """After load_state_dict of a checkpoint written by an unfused Adam: fused again, with
+    the step counts on the weights' device (where the fused kernel wants them)."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if "step" in state:
+                state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+
+
+def _resume(latest: Path, config, model, ema, optimizer, noise_gen, device,
+            ctx: DistContext) -> int:
+    """Load ``latest`` (when it exists) into the model, EMA, optimizer and RNGs; returns the
+    step to continue from (0 without a checkpoint). A checkpoint of another model raises a
+    ValueError and is left untouched."""
+    if not latest.exists():
+        return 0
+    state = load_checkpoint(latest, device)
+    try:
+        models.load_state_dict_strict(model, state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise ValueError(f"{latest} does not match this config's model "
+                         f"(config.model.name={config.model.name!r}): {error}. The "
+                         "checkpoint was left untouched; use another --workdir or the "
+                         "config it was trained with") from error
+    _use_fused_adam(optimizer)
+    _set_rng_state(state["rng"], noise_gen, device, ctx)
+    step = int(state["step"])
+    if ctx.is_main:
+        log.info("resumed from %s at step %d", latest, step)
+    return step
+
+
 def train(config, workdir, *, progress: bool = True) -> dict:
     """Train ``config.model`` on ``config.data`` with the DSM loss of ``config.sde``; resume
     from ``workdir/checkpoints/latest.pt`` when it exists. Under torchrun (WORLD_SIZE > 1)
@@ -403,24 +439,7 @@ def _train(config, workdir, ckpt_dir, latest, ctx, device, progress) -> dict:
     conditional_labels = bool(config.model.get("num_classes"))
 
     # --- resume (before anything is written, so a refused checkpoint leaves the workdir alone)
-    step = 0
-    if latest.exists():
-        state = load_checkpoint(latest, device)
-        try:
-            models.load_state_dict_strict(model, state["model"])
-            ema.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as error:
-            raise ValueError(f"{latest} does not match this config's model "
-                             f"(config.model.name={config.model.name!r}): {error}. The "
-                             "checkpoint was left untouched; use another --workdir or the "
-                             "config it was trained with") from error
-        for group in optimizer.param_groups:     # checkpoints of the unfused optimizer
-            group["fused"], group["foreach"] = True, None
-        _set_rng_state(state["rng"], noise_gen, device, ctx)
-        step = int(state["step"])
-        if ctx.is_main:
-            log.info("resumed from %s at step %d", latest, step)
+    step = _resume(latest, config, model, ema, optimizer, noise_gen, device, ctx)
     if ctx.is_main:
         write_config(config, workdir)
 

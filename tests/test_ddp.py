@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Tiny run of test_train.tiny_config, as command-line overrides (global batch 16 = 2 x 8).
 OVERRIDES = ["--config.device=cpu", "--config.model.nf=16", "--config.model.dropout=0.0",
              "--config.training.batch_size=16", "--config.training.log_freq=2",
-             "--config.training.snapshot_freq=4", "--config.training.snapshot_freq_for_preemption=2",
+             "--config.training.snapshot_freq=4",
+             "--config.training.snapshot_freq_for_preemption=2",
              "--config.optim.warmup=5", "--config.training.eval_freq=0"]
 
 
