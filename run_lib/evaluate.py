@@ -148,7 +148,7 @@ def sample_images(config, workdir, *, method: str | None = None, progress: bool 
         arrays["labels"] = labels.numpy()
     np.savez_compressed(workdir / f"samples_{method}.npz", **arrays)
     upscale = max(1, 64 // shape[-1])
-    grid = make_grid(images[:100], upscale=upscale)
+    grid = make_grid(images[:100], upscale=upscale, padding=max(1, upscale // 2))
     save_png(grid, workdir / f"samples_{method}.png")
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(str(workdir / "tensorboard")) as writer:

@@ -61,7 +61,7 @@ def test_sample_images_writes_grid_npz_json_and_is_seeded(trained, tmp_path):
     assert metrics["pixel_fd_to_test"] > metrics["pixel_fd_train_to_test"] > 0
     from PIL import Image
     grid = np.asarray(Image.open(workdir / "samples_ddim.png"))
-    assert grid.shape == (2 * (64 + 1) + 1, 3 * (64 + 1) + 1, 3)   # 6 images: 3 per row, x8
+    assert grid.shape == (2 * (64 + 4) + 4, 3 * (64 + 4) + 4, 3)   # 6 images: 3 per row, x8
     assert json.loads((workdir / "samples_ddim.json").read_text())["nfe"] == 5
     evaluate.sample_images(config, workdir, progress=False)
     assert np.array_equal(np.load(workdir / "samples_ddim.npz")["images"], images)
