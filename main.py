@@ -69,6 +69,8 @@ def main(argv):
             from run_lib.train import train
             metrics = train(config, FLAGS.workdir)
             metrics.pop("losses")
+            if int(os.environ.get("RANK", "0")) != 0:   # torchrun: rank 0 reports
+                return
         elif FLAGS.mode == "sample":
             metrics = evaluate.sample_images(config, FLAGS.workdir, method=FLAGS.sampler)
         else:

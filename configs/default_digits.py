@@ -39,6 +39,9 @@ def get_default_configs():
     config.training = training = training_group(n_iters=300, batch_size=64, log_freq=25)
     training.snapshot_freq = 100                # checkpoints/checkpoint_<step>.pt
     training.snapshot_freq_for_preemption = 50  # checkpoints/latest.pt (resume point)
+    training.sample_freq = 300                  # sample grid (EMA weights) in TensorBoard + samples/
+    training.eval_freq = 100                    # EMA test loss on eval_batches test batches
+    training.eval_batches = 4                   # 4 x 64 of the 297 test digits
     config.optim = optim_group(warmup=50)
     config.sampling = sampling_group(num_samples=100)
     config.sampling.batch_size = 0      # images per sampler call (0: all at once)

@@ -28,6 +28,8 @@ def demo_config(name: str, *, n_iters: int, overrides: dict | None = None):
     config = importlib.import_module(DEMO_RUNS[name]).get_config()
     config.training.n_iters = n_iters
     config.training.snapshot_freq = n_iters
+    config.training.sample_freq = n_iters          # one grid of the final EMA weights
+    config.training.eval_freq = max(1, n_iters // 10)
     for key, value in (overrides or {}).items():
         group, _, field = key.rpartition(".")
         target = config
