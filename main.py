@@ -42,6 +42,9 @@ flags.DEFINE_string("workdir", None, "Work directory for config, logs, weights a
 flags.DEFINE_enum("sampler", None, ["pc", "ald", "ode", "ddim", "dpm_solver", "edm",
                                        "dpm_adaptive"],
                   "Sampler of --mode sample (default: config.sampling.method).")
+flags.DEFINE_string("checkpoint", None, "--mode sample / likelihood: a checkpoint file instead "
+                    "of <workdir>/checkpoints/latest.pt: ours, or one of the official Score SDE "
+                    "code (e.g. a published checkpoint_26.pth; converted on load).")
 flags.mark_flags_as_required(["workdir"])
 
 #: config.data.name values trained by run_lib.train.train (the rest are toy distributions).
@@ -72,9 +75,10 @@ def main(argv):
             if int(os.environ.get("RANK", "0")) != 0:   # torchrun: rank 0 reports
                 return
         elif FLAGS.mode == "sample":
-            metrics = evaluate.sample_images(config, FLAGS.workdir, method=FLAGS.sampler)
+            metrics = evaluate.sample_images(config, FLAGS.workdir, method=FLAGS.sampler,
+                                             checkpoint=FLAGS.checkpoint)
         else:
-            metrics = evaluate.likelihood_images(config, FLAGS.workdir)
+            metrics = evaluate.likelihood_images(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint)
     elif FLAGS.mode == "train":
         metrics = run_lib.train_toy(config, FLAGS.workdir)
     elif FLAGS.mode == "sample":

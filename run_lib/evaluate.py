@@ -57,25 +57,36 @@ def _score_with_labels(score_fn, labels, x, t):
     return score_fn(x, t, labels)
 
 
+def is_score_sde_checkpoint(state: dict) -> bool:
+    """Whether a checkpoint dict was written by the official Score SDE code (its EMA is a bare
+    list ``ema['shadow_params']``; ours keys the shadow by name)."""
+    return isinstance(state.get("ema"), dict) and "shadow_params" in state["ema"]
+
+
 def load_score_fn(config, workdir, device, *, checkpoint: str | None = None,
                   use_ema: bool = True) -> LoadedRun:
     """The run of ``workdir`` (checkpoints/latest.pt, or ``checkpoint``) with its EMA weights.
 
-    The checkpoint is read with weights_only=True and loaded strictly; a checkpoint of
-    another model raises a one-line ValueError naming the first mismatching key.
+    ``checkpoint`` may also be a checkpoint of the official Score SDE PyTorch code (e.g. a
+    published checkpoint_<k>.pth): it is converted with models.convert_score_sde_state_dict.
+    The file is read with weights_only=True and loaded strictly; a checkpoint of another
+    model raises a one-line ValueError naming the first mismatching key.
     """
     path = Path(checkpoint) if checkpoint else Path(workdir) / "checkpoints" / "latest.pt"
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: run --mode train with this --config "
-                                "and --workdir first")
+                                "and --workdir first (or pass --checkpoint)")
     state = torch.load(path, map_location=device, weights_only=True)
     model = models.build_model(config).to(device)
     try:
-        models.load_state_dict_strict(model, state["model"])
-        if use_ema:
-            ema = models.ExponentialMovingAverage(model, decay=config.model.ema_rate)
-            ema.load_state_dict(state["ema"])
-            ema.copy_to(model)
+        if is_score_sde_checkpoint(state):
+            models.load_state_dict_strict(model, models.convert_score_sde_state_dict(state, ema=use_ema))
+        else:
+            models.load_state_dict_strict(model, state["model"])
+            if use_ema:
+                ema = models.ExponentialMovingAverage(model, decay=config.model.ema_rate)
+                ema.load_state_dict(state["ema"])
+                ema.copy_to(model)
     except (ValueError, KeyError, RuntimeError) as error:
         raise ValueError(f"{path} does not match this config's model (config.model.name="
                          f"{config.model.name!r}): {error}") from error
@@ -100,7 +111,8 @@ def _pixel_fd(samples_uint8: torch.Tensor, reference_uint8: torch.Tensor) -> flo
 
 
 @torch.no_grad()
-def sample_images(config, workdir, *, method: str | None = None, progress: bool = True) -> dict:
+def sample_images(config, workdir, *, method: str | None = None, progress: bool = True,
+                  checkpoint: str | None = None) -> dict:
     """Sample ``config.sampling.num_samples`` images from the EMA weights of ``workdir``.
 
     Writes samples_<method>.npz (uint8 images (N, C, H, W) and, for conditional runs, labels),
@@ -109,12 +121,15 @@ def sample_images(config, workdir, *, method: str | None = None, progress: bool 
     seconds, images/s and, for small images, the pixel Frechet distance of the samples to the
     test split next to that of the training split to the test split (the floor).
     Seeded by config.seed: the same config gives the same samples on the CPU.
+    ``checkpoint``: another checkpoint file than workdir/checkpoints/latest.pt (ours or a
+    published Score SDE one, see ``load_score_fn``).
     """
     workdir = Path(workdir)
     device = pick_device(config.get("device", "auto"))
     method = method or config.sampling.method
     check_choice("sampler", method, samplers.SAMPLERS)
-    run = load_score_fn(config, workdir, device)
+    run = load_score_fn(config, workdir, device, checkpoint=checkpoint)
+    workdir.mkdir(parents=True, exist_ok=True)
     n = int(config.sampling.num_samples)
     batch_size = int(config.sampling.get("batch_size", 0) or n)
     shape = models.data_shape(config)
@@ -163,7 +178,8 @@ def _mean_and_standard_error(values: torch.Tensor) -> tuple[float, float]:
     return values.mean().item(), (values.std().item() / math.sqrt(n)) if n > 1 else float("nan")
 
 
-def likelihood_images(config, workdir, *, progress: bool = True) -> dict:
+def likelihood_images(config, workdir, *, progress: bool = True,
+                      checkpoint: str | None = None) -> dict:
     """Bits/dim of the test split through the probability-flow ODE with the EMA weights.
 
     Uses the first config.eval.likelihood_samples test images (0: all), in batches of
@@ -175,7 +191,8 @@ def likelihood_images(config, workdir, *, progress: bool = True) -> dict:
     """
     workdir = Path(workdir)
     device = pick_device(config.get("device", "auto"))
-    run = load_score_fn(config, workdir, device)
+    run = load_score_fn(config, workdir, device, checkpoint=checkpoint)
+    workdir.mkdir(parents=True, exist_ok=True)
     ev = config.eval
     test = build_dataset(config, "test")
     count = int(ev.likelihood_samples) or len(test)
