@@ -33,6 +33,7 @@ import models
 import sde_lib
 from models.ncsn import NCSN, NCSNv2
 from models.normalization import ConditionalInstanceNorm2dPlus, InstanceNorm2dPlus
+from testbed import check_class_conditioning
 
 OFFICIAL = {  # variant -> (parameter count, state-dict entries without sigmas)
     "ncsn": (30_117_635, 173),
@@ -239,18 +240,8 @@ def test_noise_label_changes_ncsn_output_only():
 def test_class_conditioning_adds_one_embedding(name):
     torch.manual_seed(0)
     plain, model = _tiny(name), _tiny(name, num_classes=10).eval()
-    extra = set(model.state_dict()) - set(plain.state_dict())
-    assert extra == {"class_embedding.weight"}
-    assert tuple(model.class_embedding.weight.shape) == (10, 8)
-    x, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 3])
-    with torch.no_grad():
-        a = model(x, y, torch.tensor([0, 0]))
-        b = model(x, y, torch.tensor([4, 4]))
-    assert _rel(a, b) > 1e-2
-    with pytest.raises(ValueError, match="class_labels"):
-        model(x, y)
-    with pytest.raises(ValueError, match="class_labels"):
-        plain(x, y, torch.tensor([0, 0]))
+    check_class_conditioning(plain, model, torch.randn(2, 3, 8, 8), torch.tensor([3, 3]),
+                             num_classes=10, width=8, min_relative_change=1e-2)
 
 
 # --------------------------------------------------------------------------- training

@@ -44,6 +44,7 @@ from ml_collections import ConfigDict
 import models
 import sde_lib
 from models.ncsnpp import NCSNpp
+from testbed import check_class_conditioning, perturb_zero_init
 
 #: name -> (config.model overrides of the NCSN++ config, parameters, state-dict entries).
 OFFICIAL = {
@@ -272,16 +273,6 @@ def test_option_grid_shapes():
     assert len(layouts) == 34
 
 
-def _perturb_zero_init(model, seed=0):
-    """Give the ~0-initialised layers (init_scale=0: variance scale 1e-10) real weights, so
-    that conditioning reaches the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2 and p.abs().max() < 1e-5:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-
-
 def test_noise_conditioning_changes_output():
     torch.manual_seed(0)
     for name in ("ncsnpp", "ddpmpp"):
@@ -289,7 +280,7 @@ def test_noise_conditioning_changes_output():
         x = torch.randn(2, 3, 8, 8)
         with torch.no_grad():
             assert model(x, _cond(model, 2)).abs().max() < 1e-4  # ~0 output conv at init
-            _perturb_zero_init(model)
+            perturb_zero_init(model, scale=0.1)
             a = model(x, _cond(model, 1).expand(2))
             b = model(x, _cond(model, 2)[1:].expand(2))
         assert (a - b).abs().mean() > 1e-2 * a.abs().mean(), name
@@ -301,18 +292,9 @@ def test_class_conditioning_adds_one_embedding():
     torch.manual_seed(0)
     plain = models.build_model(tiny_config())
     model = models.build_model(tiny_config(num_classes=10)).eval()
-    assert set(model.state_dict()) - set(plain.state_dict()) == {"class_embedding.weight"}
-    assert tuple(model.class_embedding.weight.shape) == (10, 64)
-    _perturb_zero_init(model)
-    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([1.0, 1.0])
-    with torch.no_grad():
-        a = model(x, sigma, torch.tensor([0, 0]))
-        b = model(x, sigma, torch.tensor([3, 3]))
-    assert (a - b).abs().mean() > 1e-2 * a.abs().mean()
-    with pytest.raises(ValueError, match="class_labels"):
-        model(x, sigma)
-    with pytest.raises(ValueError, match="class_labels"):
-        plain(x, sigma, torch.tensor([0, 0]))
+    perturb_zero_init(model, scale=0.1)
+    check_class_conditioning(plain, model, torch.randn(2, 3, 8, 8), torch.tensor([1.0, 1.0]),
+                             num_classes=10, width=64, min_relative_change=1e-2)
     with pytest.raises(ValueError, match="conditional=True"):
         models.build_model(tiny_config(num_classes=10, conditional=False))
 

@@ -208,3 +208,35 @@ def fitted_order(run, sde, steps):
     errors = [(run(flow_problem_score(sde), sde, x_T, n).x - reference).pow(2).mean().sqrt().item()
               for n in steps]
     return -np.polyfit(np.log(steps), np.log(errors), 1)[0], errors
+
+
+# ----------------------------------------------------------------------------- score networks
+
+def perturb_zero_init(model, *, scale: float = 0.05, seed: int = 0) -> None:
+    """Give the ~0-initialised layers (the official init_scale=0: variance scale 1e-10, the
+    last layer of every residual branch and the output conv) random weights of std ``scale``,
+    so that a conditioning that enters before them reaches the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2 and p.abs().max() < 1e-5:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+
+
+def check_class_conditioning(plain, model, x, cond, *, num_classes: int, width: int,
+                             min_relative_change: float) -> None:
+    """``model`` (built with num_classes) adds exactly one (num_classes, width) embedding to
+    ``plain``'s state dict, two labels give outputs that differ by more than
+    ``min_relative_change`` (mean |a - b| / mean |a|), and both models refuse a call with the
+    wrong class_labels with a ValueError naming class_labels."""
+    assert set(model.state_dict()) - set(plain.state_dict()) == {"class_embedding.weight"}
+    assert tuple(model.class_embedding.weight.shape) == (num_classes, width)
+    batch = x.shape[0]
+    with torch.no_grad():
+        a = model(x, cond, torch.zeros(batch, dtype=torch.long))
+        b = model(x, cond, torch.full((batch,), 3, dtype=torch.long))
+    assert (a - b).abs().mean() > min_relative_change * a.abs().mean()
+    with pytest.raises(ValueError, match="class_labels"):
+        model(x, cond)
+    with pytest.raises(ValueError, match="class_labels"):
+        plain(x, cond, torch.zeros(batch, dtype=torch.long))
