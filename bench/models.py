@@ -72,6 +72,7 @@ MODEL_CONFIGS = {
 MODES = ("fp32", "bf16", "compile", "bf16+compile")
 QUICK_MODELS = ("ddpm", "ncsnv2")
 MIB = 2.0 ** 20
+nan = float("nan")
 
 
 # ----- configs and models ---------------------------------------------------------------------
@@ -84,11 +85,37 @@ def load_config(path: Path):
     return module.get_config()
 
 
-def build(name: str, device: torch.device, channels_last: bool, seed: int = 0):
-    """(config, sde, model) for MODEL_CONFIGS[name], weights drawn after ``manual_seed(seed)``."""
+def wake_zero_init(model: torch.nn.Module, seed: int = 0) -> int:
+    """Redraw the near-zero weights (variance scale 1e-10) with fan-in variance; return how many.
+
+    The published initialisation ends every residual branch, attention block and the output
+    conv with such a layer, so at init the output is ~1e-5 and only the skip path counts. With
+    them redrawn (weights ~ N(0, 1 / fan_in)) every layer contributes, as in a trained network,
+    which is what the rel-L2 column should see. Conv weights (out, in, k, k): fan_in = in k k;
+    NIN weights (in, out): fan_in = in.
+    """
+    g = torch.Generator().manual_seed(seed)
+    count = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim < 2 or p.float().std() > 1e-4:
+                continue
+            fan_in = p[0].numel() if p.ndim > 2 else p.shape[0]
+            p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+            count += 1
+    return count
+
+
+def build(name: str, device: torch.device, channels_last: bool, seed: int = 0,
+          init: str = "published"):
+    """(config, sde, model) for MODEL_CONFIGS[name], weights drawn after ``manual_seed(seed)``;
+    init "full": near-zero layers redrawn (``wake_zero_init``)."""
     config = load_config(ROOT / MODEL_CONFIGS[name])
     torch.manual_seed(seed)
-    model = models.build_model(config).to(device)
+    model = models.build_model(config)
+    if init == "full":
+        wake_zero_init(model, seed)
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return config, sde_lib.build_sde(config), model
@@ -200,14 +227,13 @@ def rel_l2(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run_model(name: str, modes, args, device: torch.device) -> list[dict]:
     """All modes of one architecture; one dict per mode (the fp32 reference runs first)."""
-    config, sde, model = build(name, device, args.channels_last)
+    config, sde, model = build(name, device, args.channels_last, init=args.init)
     n_params = sum(p.numel() for p in model.parameters())
     x, t = inputs(config, sde, args.batch, device, args.channels_last)
-    score_fns = {False: models.build_score_fn(config, sde, model)}
     compiled = None
     model.eval()
     with torch.no_grad():
-        reference = score_fns[False](x, t).float()
+        reference = models.build_score_fn(config, sde, model)(x, t).float()
     rows = []
     for mode in modes:
         bf16, use_compile = "bf16" in mode, "compile" in mode
@@ -235,25 +261,26 @@ def run_model(name: str, modes, args, device: torch.device) -> list[dict]:
             row.update(fwd_s=times, fwd_img_s=args.batch / statistics.median(times),
                        fwd_peak_mib=mem.mib, rel_l2=rel_l2(out, reference), memory=mem.kind)
             del out
-            model.train()
-            with PeakMemory(device) as mem:
-                if use_compile:
-                    sync(device)
-                    start = time.perf_counter()
-                    forward_backward()
-                    sync(device)
-                    row["compile_train_s"] = time.perf_counter() - start
-                times = time_calls(forward_backward, device, args.warmup, args.repeats)
-            row.update(train_s=times, train_img_s=args.batch / statistics.median(times),
-                       train_peak_mib=mem.mib)
+            if not args.no_train:
+                model.train()
+                with PeakMemory(device) as mem:
+                    if use_compile:
+                        sync(device)
+                        start = time.perf_counter()
+                        forward_backward()
+                        sync(device)
+                        row["compile_train_s"] = time.perf_counter() - start
+                    times = time_calls(forward_backward, device, args.warmup, args.repeats)
+                row.update(train_s=times, train_img_s=args.batch / statistics.median(times),
+                           train_peak_mib=mem.mib)
         except Exception as error:                   # noqa: BLE001  report and go on
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
         finally:
             model.zero_grad(set_to_none=True)
         rows.append(row)
         print(f"# {name:12s} {mode:13s} " + (row.get("error") or
-              f"fwd {row['fwd_img_s']:.2f} img/s, fwd+bwd {row['train_img_s']:.2f} img/s, "
-              f"peak {row['fwd_peak_mib']:.0f}/{row['train_peak_mib']:.0f} MiB, "
+              f"fwd {row['fwd_img_s']:.2f} img/s, fwd+bwd {row.get('train_img_s', nan):.2f} img/s, "
+              f"peak {row['fwd_peak_mib']:.0f}/{row.get('train_peak_mib', nan):.0f} MiB, "
               f"rel L2 {row['rel_l2']:.1e}"), flush=True)
     return rows
 
@@ -277,8 +304,9 @@ def results_table(rows) -> str:
                         + ["-"] * 6)
             continue
         base = fp32.get(r["model"])
+        r = dict(dict(train_img_s=nan, train_peak_mib=nan), **r)
         speed = (f"{r['fwd_img_s'] / base['fwd_img_s']:.2f}x / "
-                 f"{r['train_img_s'] / base['train_img_s']:.2f}x") if base else "-"
+                 f"{r['train_img_s'] / base.get('train_img_s', nan):.2f}x") if base else "-"
         compile_s = (f"{r['compile_fwd_s']:.0f} / {r['compile_train_s']:.0f}"
                      if "compile_fwd_s" in r else "-")
         body.append([r["model"], f"{r['params'] / 1e6:.1f}", r["mode"], f"{r['fwd_img_s']:.2f}",
@@ -318,6 +346,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, help="untimed calls per phase (default 1 CPU, 3 CUDA)")
     p.add_argument("--repeats", type=int, help="timed calls per phase; the median counts "
                    "(default 3 CPU, 10 CUDA; --quick 2)")
+    p.add_argument("--init", default="published", choices=["published", "full"],
+                   help="weights: the published init (near-zero last layers), or 'full': those "
+                   "redrawn so every layer counts in the rel L2 column (timings do not care)")
+    p.add_argument("--no-train", action="store_true", help="forward only (skip fwd+bwd)")
     p.add_argument("--out", help="write all rows and settings to this JSON file")
     return p.parse_args(argv)
 
@@ -350,7 +382,8 @@ def main(argv=None):
                     machine=machine_description(), torch=torch.__version__, device=str(device),
                     gpu=torch.cuda.get_device_name(device) if on_cuda else None,
                     threads=torch.get_num_threads(), batch=args.batch, warmup=args.warmup,
-                    repeats=args.repeats, channels_last=args.channels_last, models=names,
+                    repeats=args.repeats, init=args.init, channels_last=args.channels_last,
+                    models=names,
                     modes=modes, command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
     print("# settings: " + json.dumps(settings), flush=True)
     rows = []
