@@ -28,7 +28,8 @@ timed is one score evaluation ``score_fn(x, t)`` as a sampler or the training lo
 
 Modes: ``fp32``; ``bf16`` = ``torch.autocast(device_type, dtype=torch.bfloat16)`` around the
 call (weights stay float32); ``compile`` = ``torch.compile(model)`` (default mode) under the
-same wrapper; ``bf16+compile`` both. ``--channels-last`` moves model and input to
+same wrapper, with ``dynamic=False`` (fixed shapes; ``--compile-dynamic`` for torch's
+default); ``bf16+compile`` both. ``--channels-last`` moves model and input to
 ``torch.channels_last``. Warm-up calls (--warmup, default 1 on the CPU, 3 on CUDA) are not
 timed; on CUDA ``torch.cuda.synchronize()`` brackets every timed call. Compiling is slow on the
 CPU (minutes per model and graph), so there it is opt-in (``--compile``); on CUDA it is on by
@@ -243,7 +244,7 @@ def run_model(name: str, modes, args, device: torch.device) -> list[dict]:
         if use_compile:
             if compiled is None:
                 torch._dynamo.reset()
-                compiled = torch.compile(model)
+                compiled = torch.compile(model, dynamic=args.compile_dynamic)
             net = compiled
         score_fn = models.build_score_fn(config, sde, net)
         forward, forward_backward = make_steps(score_fn, model, x, t, device, bf16)
@@ -341,6 +342,10 @@ def parse_args(argv=None):
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="add the compiled modes (default on CUDA only)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--compile-dynamic", action="store_const", const=None, default=False,
+                   help="torch.compile(dynamic=None), torch's default: shapes made symbolic "
+                   "after a recompile (default here: dynamic=False; NCSN++ then compiles, with "
+                   "dynamic=None Inductor fails on it, torch 2.13 CPU)")
     p.add_argument("--channels-last", action="store_true",
                    help="model and input in torch.channels_last")
     p.add_argument("--warmup", type=int, help="untimed calls per phase (default 1 CPU, 3 CUDA)")
