@@ -26,7 +26,8 @@ timed is one score evaluation ``score_fn(x, t)`` as a sampler or the training lo
 * **compile s**: wall time of the first compiled forward and of the first compiled
   forward+backward (graph capture + Inductor code generation), reported apart from the timings.
 
-Modes: ``fp32``; ``bf16`` = ``torch.autocast(device_type, dtype=torch.bfloat16)`` around the
+Modes: ``fp32`` (torch's defaults: on CUDA that lets cuDNN use TF32 for convolutions on
+Ampere and later GPUs); ``bf16`` = ``torch.autocast(device_type, dtype=torch.bfloat16)`` around the
 call (weights stay float32); ``compile`` = ``torch.compile(model)`` (default mode) under the
 same wrapper, with ``dynamic=False`` (fixed shapes; ``--compile-dynamic`` for torch's
 default); ``bf16+compile`` both. ``--channels-last`` moves model and input to
