@@ -16,7 +16,7 @@ from ml_collections import ConfigDict
 import models
 import sde_lib
 from models.ddpm import AttnBlock
-from testbed import check_class_conditioning, perturb_zero_init
+from testbed import check_class_conditioning, loss_before_and_after_training, perturb_zero_init
 
 OFFICIAL_NUM_PARAMS = 35_218_947
 
@@ -159,23 +159,8 @@ def test_tiny_ddpm_training_lowers_epsilon_loss():
     score_fn = models.get_score_fn(sde, model, continuous=False)
     x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
 
-    def fixed_loss():  # same timesteps and noise every call
-        return loss_fn(score_fn, x, generator=torch.Generator().manual_seed(2))
-
-    model.eval()
-    with torch.no_grad():
-        before = fixed_loss().item()
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(15):
-        opt.zero_grad()
-        loss = fixed_loss()
-        loss.backward()
-        assert model.all_modules[-1].weight.grad.abs().sum() > 0
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        after = fixed_loss().item()
+    before, after = loss_before_and_after_training(model, loss_fn, score_fn, x, steps=15, lr=2e-3,
+                                                   last_layer=model.all_modules[-1].weight)
     print(f'tiny DDPM epsilon loss {before:.4f} -> {after:.4f}')
     assert math.isfinite(before) and after < 0.8 * before, (before, after)
 

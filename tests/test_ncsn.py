@@ -33,7 +33,7 @@ import models
 import sde_lib
 from models.ncsn import NCSN, NCSNv2
 from models.normalization import ConditionalInstanceNorm2dPlus, InstanceNorm2dPlus
-from testbed import check_class_conditioning
+from testbed import check_class_conditioning, loss_before_and_after_training
 
 OFFICIAL = {  # variant -> (parameter count, state-dict entries without sigmas)
     "ncsn": (30_117_635, 173),
@@ -259,23 +259,8 @@ def test_tiny_training_lowers_smld_loss(name):
     g = torch.Generator().manual_seed(1)
     x = (torch.rand(8, 3, 1, 1, generator=g) * 2 - 1).expand(8, 3, 8, 8).contiguous()
 
-    def fixed_loss():  # same levels and noise every call
-        return loss_fn(score_fn, x, generator=torch.Generator().manual_seed(2))
-
-    model.eval()
-    with torch.no_grad():
-        before = fixed_loss().item()
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(30):
-        opt.zero_grad()
-        loss = fixed_loss()
-        loss.backward()
-        assert model.end_conv.weight.grad.abs().sum() > 0
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        after = fixed_loss().item()
+    before, after = loss_before_and_after_training(model, loss_fn, score_fn, x, steps=30, lr=3e-3,
+                                                   last_layer=model.end_conv.weight)
     print(f"tiny {name} SMLD loss {before:.4f} -> {after:.4f}")
     # measured: NCSN 98.1 -> 53.8, NCSNv2 140.1 -> 30.1 (0.5 D = 96 is the zero-score loss)
     assert math.isfinite(before) and after < 0.65 * before, (before, after)

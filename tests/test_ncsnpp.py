@@ -44,7 +44,7 @@ from ml_collections import ConfigDict
 import models
 import sde_lib
 from models.ncsnpp import NCSNpp
-from testbed import check_class_conditioning, perturb_zero_init
+from testbed import check_class_conditioning, loss_before_and_after_training, perturb_zero_init
 
 #: name -> (config.model overrides of the NCSN++ config, parameters, state-dict entries).
 OFFICIAL = {
@@ -316,19 +316,7 @@ def test_tiny_training_lowers_dsm_loss(name, sde, continuous):
                                    scale_by_sigma=isinstance(sde, sde_lib.VESDE))
     x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
 
-    def fixed_loss():
-        return loss_fn(score_fn, x, generator=torch.Generator().manual_seed(2))
-
-    with torch.no_grad():
-        before = fixed_loss().item()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(15):
-        opt.zero_grad()
-        loss = fixed_loss()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        after = fixed_loss().item()
+    before, after = loss_before_and_after_training(model, loss_fn, score_fn, x, steps=15, lr=2e-3)
     print(f"tiny {name} {type(sde).__name__} DSM loss {before:.4f} -> {after:.4f}")
     assert math.isfinite(before) and after < 0.8 * before, (before, after)
 

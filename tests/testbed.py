@@ -240,3 +240,28 @@ def check_class_conditioning(plain, model, x, cond, *, num_classes: int, width: 
         model(x, cond)
     with pytest.raises(ValueError, match="class_labels"):
         plain(x, cond, torch.zeros(batch, dtype=torch.long))
+
+
+def loss_before_and_after_training(model, loss_fn, score_fn, x, *, steps: int, lr: float,
+                                   last_layer=None) -> tuple[float, float]:
+    """The loss on one fixed batch ``x`` (same times and noise at every call), in eval mode,
+    before and after ``steps`` Adam steps on it; ``last_layer`` (a weight tensor), if given,
+    must receive a non-zero gradient at every step (the output layer is initialised ~0)."""
+    def fixed_loss():
+        return loss_fn(score_fn, x, generator=torch.Generator().manual_seed(2))
+
+    model.eval()
+    with torch.no_grad():
+        before = fixed_loss().item()
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        fixed_loss().backward()
+        if last_layer is not None:
+            assert last_layer.grad.abs().sum() > 0
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = fixed_loss().item()
+    return before, after
