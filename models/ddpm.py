@@ -213,7 +213,31 @@ class Downsample(nn.Module):
         return F.avg_pool2d(x, kernel_size=2, stride=2)
 
 
-class ResnetBlockDDPM(nn.Module):
+class ResidualBranch(nn.Module):
+    """The layers shared by the DDPM and BigGAN residual blocks, registered in the official
+    order (GroupNorm_0, Conv_0, Dense_0, GroupNorm_1, Dropout_0, Conv_1): the first
+    GroupNorm-SiLU and conv, the time embedding added per channel, and the second
+    GroupNorm-SiLU-dropout-conv (initialised near zero: variance scale ``init_scale``,
+    0 = 1e-10). Subclasses add their shortcut and call ``_add_temb_and_finish``."""
+
+    def _build_branch(self, in_ch: int, out_ch: int, temb_dim: int | None, dropout: float,
+                      init_scale: float, group_rule) -> None:
+        self.GroupNorm_0 = _group_norm(in_ch, group_rule)
+        self.Conv_0 = _conv3x3(in_ch, out_ch)
+        if temb_dim is not None:
+            self.Dense_0 = _dense(temb_dim, out_ch)
+        self.GroupNorm_1 = _group_norm(out_ch, group_rule)
+        self.Dropout_0 = nn.Dropout(dropout)
+        self.Conv_1 = _conv3x3(out_ch, out_ch, init_scale=init_scale)
+
+    def _add_temb_and_finish(self, h: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
+        """h (B, out_ch, H, W) after Conv_0 -> the branch's output."""
+        if temb is not None:
+            h = h + self.Dense_0(F.silu(temb))[:, :, None, None]
+        return self.Conv_1(self.Dropout_0(F.silu(self.GroupNorm_1(h))))
+
+
+class ResnetBlockDDPM(ResidualBranch):
     """GroupNorm-SiLU-conv, + Dense(SiLU(temb)) per channel, GroupNorm-SiLU-dropout-conv (init
     near zero: variance scale ``init_scale``, 0 = 1e-10), plus the input (through a NIN when
     the channel count changes). ``skip_rescale`` divides the sum by sqrt(2) and ``group_rule``
@@ -224,22 +248,13 @@ class ResnetBlockDDPM(nn.Module):
                  group_rule=None):
         super().__init__()
         out_ch = out_ch or in_ch
-        self.GroupNorm_0 = _group_norm(in_ch, group_rule)
-        self.Conv_0 = _conv3x3(in_ch, out_ch)
-        if temb_dim is not None:
-            self.Dense_0 = _dense(temb_dim, out_ch)
-        self.GroupNorm_1 = _group_norm(out_ch, group_rule)
-        self.Dropout_0 = nn.Dropout(dropout)
-        self.Conv_1 = _conv3x3(out_ch, out_ch, init_scale=init_scale)
+        self._build_branch(in_ch, out_ch, temb_dim, dropout, init_scale, group_rule)
         if in_ch != out_ch:
             self.NIN_0 = NIN(in_ch, out_ch)
         self.in_ch, self.out_ch, self.skip_rescale = in_ch, out_ch, skip_rescale
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.Conv_0(F.silu(self.GroupNorm_0(x)))
-        if temb is not None:
-            h = h + self.Dense_0(F.silu(temb))[:, :, None, None]
-        h = self.Conv_1(self.Dropout_0(F.silu(self.GroupNorm_1(h))))
+        h = self._add_temb_and_finish(self.Conv_0(F.silu(self.GroupNorm_0(x))), temb)
         if self.in_ch != self.out_ch:
             x = self.NIN_0(x)
         return _skip_sum(x, h, self.skip_rescale)

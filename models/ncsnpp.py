@@ -57,8 +57,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .ddpm import (AttnBlock, Downsample, ResnetBlockDDPM, Upsample, _conv1x1, _conv3x3,
-                   _dense, _group_norm, _skip_sum)
+from .ddpm import (AttnBlock, Downsample, ResidualBranch, ResnetBlockDDPM, Upsample, _conv1x1,
+                   _conv3x3, _dense, _group_norm, _skip_sum)
 from .embeddings import GaussianFourierProjection, sinusoidal_embedding
 from .fir import DEFAULT_KERNEL, downsample_2d, upsample_2d
 
@@ -115,7 +115,7 @@ class Combine(nn.Module):
         return torch.cat([h, y], dim=1) if self.method == "cat" else h + y
 
 
-class ResnetBlockBigGAN(nn.Module):
+class ResnetBlockBigGAN(ResidualBranch):
     """BigGAN residual block (Brock et al. 2019), optionally resampling by 2 (NCSN++).
 
     (B, in_ch, H, W) -> (B, out_ch, H', W') with H' = 2 H (``up``), H / 2 (``down``) or H.
@@ -130,13 +130,7 @@ class ResnetBlockBigGAN(nn.Module):
                  fir_kernel=DEFAULT_KERNEL, skip_rescale: bool = True, init_scale: float = 0.0):
         super().__init__()
         out_ch = out_ch or in_ch
-        self.GroupNorm_0 = _group_norm(in_ch, _groups)
-        self.Conv_0 = _conv3x3(in_ch, out_ch)
-        if temb_dim is not None:
-            self.Dense_0 = _dense(temb_dim, out_ch)
-        self.GroupNorm_1 = _group_norm(out_ch, _groups)
-        self.Dropout_0 = nn.Dropout(dropout)
-        self.Conv_1 = _conv3x3(out_ch, out_ch, init_scale=init_scale)
+        self._build_branch(in_ch, out_ch, temb_dim, dropout, init_scale, _groups)
         self.shortcut = in_ch != out_ch or up or down
         if self.shortcut:
             self.Conv_2 = _conv1x1(in_ch, out_ch)
@@ -153,10 +147,7 @@ class ResnetBlockBigGAN(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = self._resample(F.silu(self.GroupNorm_0(x)))
         x = self._resample(x)
-        h = self.Conv_0(h)
-        if temb is not None:
-            h = h + self.Dense_0(F.silu(temb))[:, :, None, None]
-        h = self.Conv_1(self.Dropout_0(F.silu(self.GroupNorm_1(h))))
+        h = self._add_temb_and_finish(self.Conv_0(h), temb)
         if self.shortcut:
             x = self.Conv_2(x)
         return _skip_sum(x, h, self.skip_rescale)
