@@ -48,13 +48,21 @@ class LoadedRun:
 
     def score_for_labels(self, labels: torch.Tensor | None):
         """score_fn(x, t) for the samplers; class-conditional runs get ``labels`` (B,)."""
-        if labels is None:
-            return self.score_fn
-        return functools.partial(_score_with_labels, self.score_fn, labels)
+        return with_class_labels(self.score_fn, labels)
+
+
+def balanced_labels(n: int, num_classes: int, device=None) -> torch.Tensor | None:
+    """Class labels 0, 1, ..., K-1, 0, ... (n,) for a class-conditional model (K > 0), else None."""
+    return torch.arange(n, device=device) % num_classes if num_classes else None
 
 
 def _score_with_labels(score_fn, labels, x, t):
     return score_fn(x, t, labels)
+
+
+def with_class_labels(score_fn, labels: torch.Tensor | None):
+    """score_fn(x, t) with fixed class labels (B,) bound (``score_fn`` itself when None)."""
+    return score_fn if labels is None else functools.partial(_score_with_labels, score_fn, labels)
 
 
 def is_score_sde_checkpoint(state: dict) -> bool:
@@ -96,13 +104,6 @@ def load_score_fn(config, workdir, device, *, checkpoint: str | None = None,
     return LoadedRun(model, score_fn, sde, int(state["step"]), int(config.model.get("num_classes") or 0))
 
 
-def _class_labels(run: LoadedRun, n: int, device) -> torch.Tensor | None:
-    """Balanced labels 0, 1, ..., K-1, 0, ... for class-conditional runs, else None."""
-    if not run.num_classes:
-        return None
-    return torch.arange(n, device=device) % run.num_classes
-
-
 def _pixel_fd(samples_uint8: torch.Tensor, reference_uint8: torch.Tensor) -> float | None:
     """Frechet distance between two image sets in pixel space, pixels in [0, 1]."""
     if samples_uint8[0].numel() > MAX_PIXEL_FD_DIM:
@@ -134,12 +135,13 @@ def sample_images(config, workdir, *, method: str | None = None, progress: bool 
     batch_size = int(config.sampling.get("batch_size", 0) or n)
     shape = models.data_shape(config)
     generator = torch.Generator(device=device).manual_seed(int(config.seed) + 10)
+    labels = balanced_labels(n, run.num_classes, device)   # one per image, across batches
     batches, nfe, nonfinite = [], 0, 0
     start = time.perf_counter()
     for first in range(0, n, batch_size):
         size = min(batch_size, n - first)
-        labels = _class_labels(run, size, device)
-        result = samplers.sample_from_config(config.sampling, run.score_for_labels(labels), run.sde,
+        batch_labels = None if labels is None else labels[first:first + size]
+        result = samplers.sample_from_config(config.sampling, run.score_for_labels(batch_labels), run.sde,
                                              (size, *shape), generator=generator, device=device,
                                              progress=progress, method=method)
         nonfinite += int((~torch.isfinite(result.x.flatten(1))).any(dim=1).sum())
@@ -149,7 +151,6 @@ def sample_images(config, workdir, *, method: str | None = None, progress: bool 
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     images = torch.cat(batches)
-    labels = _class_labels(run, n, "cpu")
     metrics = {"sampler": method, "step": run.step, "num_samples": n, "nfe": nfe,
                "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 2),
                "nonfinite_fraction": nonfinite / n}
@@ -160,7 +161,7 @@ def sample_images(config, workdir, *, method: str | None = None, progress: bool 
         metrics["pixel_fd_train_to_test"] = _pixel_fd(build_dataset(config, "train").images, test)
     arrays = {"images": images.numpy()}
     if labels is not None:
-        arrays["labels"] = labels.numpy()
+        arrays["labels"] = labels.cpu().numpy()
     np.savez_compressed(workdir / f"samples_{method}.npz", **arrays)
     upscale = max(1, 64 // shape[-1])
     grid = make_grid(images[:100], upscale=upscale, padding=max(1, upscale // 2))

@@ -64,6 +64,7 @@ import samplers
 import sde_lib
 
 from .datasets import build_dataset
+from .evaluate import balanced_labels, with_class_labels
 from .images import make_grid, save_png, to_uint8
 from .utils import pick_device, save_atomic, write_config
 
@@ -285,14 +286,8 @@ def sample_grid(config, sde, model, ema, *, device, method: str | None = None) -
     tcfg, data = config.training, config.data
     shape = (int(tcfg.num_grid_samples), int(data.num_channels), int(data.image_size),
              int(data.image_size))
-    score_fn = models.build_score_fn(config, sde, model)
-    num_classes = int(config.model.get("num_classes") or 0)
-    if num_classes:
-        labels = torch.arange(shape[0], device=device) % num_classes
-        conditional_fn = score_fn
-
-        def score_fn(x, t):      # noqa: F811 - one class per grid cell, in order
-            return conditional_fn(x, t, labels)
+    labels = balanced_labels(shape[0], int(config.model.get("num_classes") or 0), device)
+    score_fn = with_class_labels(models.build_score_fn(config, sde, model), labels)
     generator = torch.Generator(device=device).manual_seed(int(config.seed) + 2)
     was_training = model.training
     model.eval()

@@ -206,3 +206,22 @@ def test_sample_from_an_official_score_sde_checkpoint(tmp_path):
     metrics = evaluate.sample_images(config, tmp_path / "out", progress=False,
                                      checkpoint=str(tmp_path / "checkpoint_1.pth"))
     assert metrics["step"] == 7 and (tmp_path / "out" / "samples_ddim.png").exists()
+
+
+def test_class_conditional_labels_follow_the_images_across_batches(tmp_path, monkeypatch):
+    """Sampling in batches gives image i the label i mod K, the one saved in the .npz."""
+    config = tiny_config(n_iters=1)
+    config.model.num_classes = 10
+    config.sampling.num_samples, config.sampling.batch_size = 6, 4
+    train(config, tmp_path, progress=False)
+    used = []
+    real = samplers.sample_from_config
+
+    def spy(sampling, score_fn, *args, **kwargs):
+        used.append(score_fn.args[1].cpu())          # functools.partial(_, score_fn, labels)
+        return real(sampling, score_fn, *args, **kwargs)
+
+    monkeypatch.setattr(samplers, "sample_from_config", spy)
+    evaluate.sample_images(config, tmp_path, progress=False)
+    saved = np.load(tmp_path / "samples_ddim.npz")["labels"]
+    assert torch.equal(torch.cat(used), torch.arange(6)) and saved.tolist() == list(range(6))
