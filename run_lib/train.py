@@ -539,13 +539,12 @@ def _train(config, workdir, ckpt_dir, latest, ctx, device, progress) -> dict:
                     log.info("step %d/%d loss %.5f lr %.2e grad_norm %.3f images/s %.1f eta %s",
                              step, n_iters, losses[-1], lr, done[-1][2], images_per_s,
                              _eta((n_iters - step) * seconds_per_step))
-            if step % tcfg.snapshot_freq == 0:
-                state = checkpoint()
-                if ctx.is_main:
+            if save_now:
+                state = checkpoint()       # once, also when both files are due (a collective)
+                if ctx.is_main and step % tcfg.snapshot_freq == 0:
                     save_atomic(state, ckpt_dir / f"checkpoint_{step}.pt")
-            if step % tcfg.snapshot_freq_for_preemption == 0 or step == n_iters:
-                state = checkpoint()
-                if ctx.is_main:
+                if ctx.is_main and (step % tcfg.snapshot_freq_for_preemption == 0
+                                    or step == n_iters):
                     save_atomic(state, latest)
             if test_batches is not None and step % eval_freq == 0:
                 evaluate()
