@@ -36,21 +36,12 @@ import torch
 
 from sde_lib import SCHEDULE_DTYPE, SDE
 
-from .common import CountingScore, SampleResult, check_choice, initial_state, progress_bar
-from .fast import (DPM_ALGORITHMS, _check_eps, _check_int, _denoise, _first_order, _Model,
+from .common import (CountingScore, SampleResult, check_choice, check_eps, check_int, check_real,
+                     initial_state, progress_bar)
+from .fast import (DPM_ALGORITHMS, _denoise, _first_order, _Model,
                    _singlestep_2)
 
 __all__ = ["dpm_solver_adaptive_sample"]
-
-
-def _positive(name: str, value, *, upper: float | None = None, allow_zero: bool = False):
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-            or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero)
-            or (upper is not None and value > upper)):
-        bound = f" and <= {upper}" if upper is not None else ""
-        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0"
-                         f"{bound}, got {value!r}")
-    return float(value)
 
 
 class _Point:
@@ -120,13 +111,13 @@ def dpm_solver_adaptive_sample(score_fn: Callable, sde: SDE, shape, *, order: in
     if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order not in (2, 3):
         raise ValueError(f"order must be 2 (DPM-Solver-12) or 3 (DPM-Solver-23), got {order!r}")
     order = int(order)
-    rtol = _positive("rtol", rtol)
-    atol = _positive("atol", atol, allow_zero=True)
-    h_init = _positive("h_init", h_init)
-    theta = _positive("theta", theta, upper=1.0)
-    t_err = _positive("t_err", t_err)
-    max_steps = _check_int("max_steps", max_steps, 1)
-    eps = _check_eps(sde, eps)
+    rtol = check_real("rtol", rtol, strict=True)
+    atol = check_real("atol", atol)
+    h_init = check_real("h_init", h_init, strict=True)
+    theta = check_real("theta", theta, strict=True, maximum=1.0)
+    t_err = check_real("t_err", t_err, strict=True)
+    max_steps = check_int("max_steps", max_steps)
+    eps = check_eps(sde, eps)
     x = initial_state(sde, shape, generator=generator, device=device, dtype=dtype, x_init=x_init)
     counter = CountingScore(score_fn)
     data = algorithm == "dpmsolver++"

@@ -7,8 +7,8 @@ import torch
 
 from sde_lib import SDE, VESDE
 
-from .common import (CountingScore, NonFiniteGuard, SampleResult, initial_state, progress_bar,
-                     std_normal_like)
+from .common import (CountingScore, NonFiniteGuard, SampleResult, check_int, check_real,
+                     initial_state, progress_bar, std_normal_like)
 
 __all__ = ["ald_sample"]
 
@@ -33,10 +33,8 @@ def ald_sample(score_fn: Callable, sde: SDE, shape, *, n_steps_each: int = 100,
         raise ValueError(f"ald_sample runs NCSN's annealed Langevin dynamics over a VESDE's noise "
                          f"levels; for {type(sde).__name__} use pc_sample (e.g. corrector='ald' "
                          "or 'langevin')")
-    if isinstance(n_steps_each, bool) or not isinstance(n_steps_each, int) or n_steps_each < 1:
-        raise ValueError(f"n_steps_each must be an integer >= 1, got {n_steps_each!r}")
-    if not step_lr > 0:
-        raise ValueError(f"step_lr must be > 0, got {step_lr!r}")
+    n_steps_each = check_int("n_steps_each", n_steps_each)
+    step_lr = check_real("step_lr", step_lr, strict=True)
     x = initial_state(sde, shape, generator=generator, device=device, dtype=dtype, x_init=x_init)
     score = CountingScore(score_fn)
     levels = torch.arange(sde.N - 1, -1, -1, device=x.device)

@@ -2,6 +2,8 @@
 input checks, progress bars and the non-finite guard."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -10,7 +12,7 @@ from tqdm.auto import tqdm
 
 from sde_lib import SCHEDULE_DTYPE, SDE
 
-__all__ = ["SampleResult", "CountingScore", "time_grid", "initial_state", "NonFiniteGuard",
+__all__ = ["check_int", "check_real", "check_eps", "SampleResult", "CountingScore", "time_grid", "initial_state", "NonFiniteGuard",
            "progress_bar", "check_choice", "std_normal_like"]
 
 
@@ -43,15 +45,45 @@ def check_choice(kind: str, name: str, valid) -> None:
         raise ValueError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(valid)}")
 
 
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int, or a ValueError when it is not an integer >= ``minimum`` (bools
+    are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_real(name: str, value, *, minimum: float = 0.0, strict: bool = False,
+               maximum: float | None = None, allow_inf: bool = False) -> float:
+    """``value`` as a float, or a ValueError when it is not a real number >= ``minimum``
+    (> with ``strict``), <= ``maximum`` if given, finite unless ``allow_inf`` (bools and
+    NaN are refused)."""
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and not math.isnan(value)
+          and (allow_inf or math.isfinite(value))
+          and (value > minimum if strict else value >= minimum)
+          and (maximum is None or value <= maximum))
+    if not ok:
+        bound = f" and <= {maximum}" if maximum is not None else ""
+        raise ValueError(f"{name} must be a {'' if allow_inf else 'finite '}number "
+                         f"{'>' if strict else '>='} {minimum}{bound}, got {value!r}")
+    return float(value)
+
+
+def check_eps(sde: SDE, eps) -> float:
+    """The smallest sampling time as a float, or a ValueError when it is not in (0, T)."""
+    if (isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps)
+            or not 0.0 < eps < sde.T):
+        raise ValueError(f"eps (the smallest sampling time) must be in (0, {sde.T}), got {eps!r}")
+    return float(eps)
+
+
 def time_grid(sde: SDE, num_steps: int, eps: float, device=None) -> torch.Tensor:
     """Decreasing times T = t_0 > ... > t_{n-1} = eps, uniform in t; (num_steps,) float64.
 
     The grid of the Score SDE PC samplers (linspace(T, eps, N)); the step is (T - eps)/(n-1).
     """
-    if not 0.0 < eps < sde.T:
-        raise ValueError(f"eps (smallest sampling time) must be in (0, {sde.T}), got {eps!r}")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
-        raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
+    eps = check_eps(sde, eps)
+    num_steps = check_int("num_steps", num_steps, 2)
     return torch.linspace(sde.T, eps, num_steps, dtype=SCHEDULE_DTYPE, device=device)
 
 

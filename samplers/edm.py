@@ -42,33 +42,24 @@ Schedules are float64 and computed before the loop; the loop has no host synchro
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable
 
 import torch
 
 from sde_lib import SDE
 
-from .common import (CountingScore, NonFiniteGuard, SampleResult, initial_state, progress_bar,
-                     std_normal_like)
-from .fast import _check_eps, _check_int, _per_sample, timesteps
+from .common import (CountingScore, NonFiniteGuard, SampleResult, check_eps, check_int,
+                     check_real, initial_state, progress_bar, std_normal_like)
+from .fast import _per_sample, timesteps
 
 __all__ = ["edm_sample", "edm_sigmas"]
-
-
-def _check_real(name: str, value, *, minimum: float = 0.0, allow_inf: bool = False) -> float:
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value)
-            or (math.isinf(value) and not allow_inf) or value < minimum):
-        raise ValueError(f"{name} must be a {'' if allow_inf else 'finite '}number >= {minimum}, "
-                         f"got {value!r}")
-    return float(value)
 
 
 def edm_sigmas(sde: SDE, num_steps: int, *, spacing: str = "karras", rho: float = 7.0,
                eps: float = 1e-3, device=None) -> torch.Tensor:
     """sigma_0 = sigma(T) > ... > sigma_{N-1} = sigma(eps) > sigma_N = 0, (N + 1,) float64,
     sigma = exp(-log_snr / 2); "karras" spacing is eq. 5 (t_i of the paper). N >= 2."""
-    num_steps = _check_int("num_steps", num_steps, 2)
+    num_steps = check_int("num_steps", num_steps, 2)
     t = timesteps(sde, num_steps - 1, spacing=spacing, eps=eps, rho=rho, device=device)
     sigma = torch.exp(-0.5 * sde.log_snr(t))
     return torch.cat([sigma, sigma.new_zeros(1)])
@@ -102,12 +93,12 @@ def edm_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 18,
 
     Returns: SampleResult(x, nfe), nfe = 2 N - 1 (denoise) or 2 (N - 1).
     """
-    num_steps = _check_int("num_steps", num_steps, 2)
-    eps = _check_eps(sde, eps)
-    s_churn = _check_real("s_churn", s_churn)
-    s_noise = _check_real("s_noise", s_noise)
-    s_tmin = _check_real("s_tmin", s_tmin, allow_inf=True)
-    s_tmax = _check_real("s_tmax", s_tmax, allow_inf=True)
+    num_steps = check_int("num_steps", num_steps, 2)
+    eps = check_eps(sde, eps)
+    s_churn = check_real("s_churn", s_churn)
+    s_noise = check_real("s_noise", s_noise)
+    s_tmin = check_real("s_tmin", s_tmin, allow_inf=True)
+    s_tmax = check_real("s_tmax", s_tmax, allow_inf=True)
     if s_tmin > s_tmax:
         raise ValueError(f"s_tmin must be <= s_tmax, got {s_tmin} > {s_tmax}")
     x = initial_state(sde, shape, generator=generator, device=device, dtype=dtype, x_init=x_init)

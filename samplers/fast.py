@@ -22,7 +22,6 @@ are checked every 50 steps by ``common.NonFiniteGuard``) and are vectorised over
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Callable
 
@@ -30,7 +29,8 @@ import torch
 
 from sde_lib import SCHEDULE_DTYPE, SDE, append_dims
 
-from .common import (CountingScore, NonFiniteGuard, SampleResult, check_choice, initial_state,
+from .common import (CountingScore, NonFiniteGuard, SampleResult, check_choice, check_eps,
+                     check_int, check_real, initial_state,
                      progress_bar, std_normal_like)
 from .ode import tweedie_denoise
 
@@ -49,19 +49,6 @@ LOWER_ORDER_FINAL_BELOW = 15
 
 
 # ----- checks -------------------------------------------------------------------------------
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_eps(sde: SDE, eps) -> float:
-    if (isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps)
-            or not 0.0 < eps < sde.T):
-        raise ValueError(f"eps (the smallest sampling time) must be in (0, {sde.T}), got {eps!r}")
-    return float(eps)
-
-
 # ----- time steps ---------------------------------------------------------------------------
 def timesteps(sde: SDE, num_steps: int, *, spacing: str = "logsnr", eps: float = 1e-3,
               rho: float = 7.0, device=None) -> torch.Tensor:
@@ -77,8 +64,8 @@ def timesteps(sde: SDE, num_steps: int, *, spacing: str = "logsnr", eps: float =
     The end points are exactly T and eps.
     """
     check_choice("spacing", spacing, SPACINGS)
-    num_steps = _check_int("num_steps", num_steps, 1)
-    eps = _check_eps(sde, eps)
+    num_steps = check_int("num_steps", num_steps, 1)
+    eps = check_eps(sde, eps)
     T = float(sde.T)
     ends = torch.tensor([T, eps], dtype=SCHEDULE_DTYPE, device=device)
     if spacing == "uniform":
@@ -89,8 +76,7 @@ def timesteps(sde: SDE, num_steps: int, *, spacing: str = "logsnr", eps: float =
         if spacing == "logsnr":
             lam = lam_T + frac * (lam_eps - lam_T)
         else:
-            if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not rho > 0:
-                raise ValueError(f"rho must be a number > 0, got {rho!r}")
+            rho = check_real("rho", rho, strict=True)
             # sigma^(1/rho) = exp(-lambda / (2 rho))
             lo, hi = torch.exp(-lam_eps / (2 * rho)), torch.exp(-lam_T / (2 * rho))
             sigma = (hi + frac * (lo - hi)) ** rho
@@ -143,8 +129,8 @@ def _denoise(counter: CountingScore, sde: SDE, x: torch.Tensor, eps: float) -> t
 
 
 def _setup(score_fn, sde, shape, num_steps, spacing, eps, generator, device, dtype, x_init):
-    num_steps = _check_int("num_steps", num_steps, 1)
-    eps = _check_eps(sde, eps)
+    num_steps = check_int("num_steps", num_steps, 1)
+    eps = check_eps(sde, eps)
     x = initial_state(sde, shape, generator=generator, device=device, dtype=dtype, x_init=x_init)
     t = timesteps(sde, num_steps, spacing=spacing, eps=eps, device=x.device)
     return num_steps, eps, x, t, CountingScore(score_fn)
@@ -181,9 +167,7 @@ def ddim_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, eta
 
     Returns: SampleResult(x, nfe) with nfe = num_steps (+ 1 if denoise).
     """
-    if (isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta)
-            or eta < 0):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    eta = check_real("eta", eta)
     num_steps, eps, x, t, counter = _setup(score_fn, sde, shape, num_steps, spacing, eps,
                                            generator, device, dtype, x_init)
     sch = _Schedule(sde, t)

@@ -22,7 +22,6 @@ exact-ODE log-density for every x.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,7 +29,7 @@ import torch
 
 from sde_lib import SDE
 
-from .common import CountingScore, check_choice, progress_bar
+from .common import CountingScore, check_choice, check_int, progress_bar
 from .ode import check_ode_options, integrate, ode_time_grid, probability_flow_velocity
 
 __all__ = ["log_likelihood", "bits_per_dim", "LikelihoodResult", "BitsPerDimResult",
@@ -120,9 +119,7 @@ def log_likelihood(score_fn: Callable, sde: SDE, x: torch.Tensor, *, trace: str 
     """
     check_choice("trace estimator", trace, TRACE_ESTIMATORS)
     check_choice("probe noise", noise, PROBE_NOISES)
-    if isinstance(probes, bool) or not isinstance(probes, numbers.Integral) or probes < 1:
-        raise ValueError(f"probes (Hutchinson probe vectors per sample) must be an integer >= 1, "
-                         f"got {probes!r}")
+    probes = check_int("probes (Hutchinson probe vectors per sample)", probes)
     num_steps = check_ode_options(sde, method, rtol, atol, eps, num_steps)
     if not torch.is_tensor(x) or x.ndim < 2 or not x.is_floating_point():
         raise ValueError("x must be a floating-point tensor of shape (B, *data_shape), got "

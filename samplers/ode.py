@@ -31,7 +31,6 @@ their error estimate on the host at every step; that is inherent to adaptive ste
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable
 
 import numpy as np
@@ -41,8 +40,8 @@ from torchdiffeq import odeint
 
 from sde_lib import SCHEDULE_DTYPE, SDE, append_dims
 
-from .common import (CountingScore, SampleResult, check_choice, initial_state, progress_bar,
-                     time_grid)
+from .common import (CountingScore, SampleResult, check_choice, check_eps, check_int, check_real,
+                     initial_state, progress_bar, time_grid)
 
 __all__ = ["ode_sample", "probability_flow_velocity", "ODE_METHODS", "ADAPTIVE_METHODS",
            "FIXED_GRID_METHODS", "SCIPY_METHODS", "DEFAULT_NUM_STEPS", "ode_time_grid",
@@ -61,13 +60,6 @@ DEFAULT_NUM_STEPS = 100
 
 
 # ----- checks -------------------------------------------------------------------------------
-def _check_positive(name: str, value) -> float:
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-            or not math.isfinite(value) or value <= 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
 def check_ode_options(sde: SDE, method: str, rtol, atol, eps, num_steps) -> int | None:
     """Validate the solver options shared by ode_sample and log_likelihood.
 
@@ -75,15 +67,12 @@ def check_ode_options(sde: SDE, method: str, rtol, atol, eps, num_steps) -> int 
     None for adaptive ones (which take rtol / atol instead and refuse ``num_steps``).
     """
     check_choice("method", method, ODE_METHODS)
-    _check_positive("rtol", rtol)
-    _check_positive("atol", atol)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 < eps < sde.T:
-        raise ValueError(f"eps (the smallest time of the ODE) must be in (0, {sde.T}), got {eps!r}")
+    check_real("rtol", rtol, strict=True)
+    check_real("atol", atol, strict=True)
+    check_eps(sde, eps)
     if method in FIXED_GRID_METHODS:
         num_steps = DEFAULT_NUM_STEPS if num_steps is None else num_steps
-        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
-            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
-        return int(num_steps)
+        return check_int("num_steps", num_steps)
     if num_steps is not None:
         raise ValueError(f"num_steps applies to the fixed-grid methods "
                          f"({', '.join(FIXED_GRID_METHODS)}); method {method!r} chooses its "
