@@ -3,24 +3,42 @@
     result = samplers.pc_sample(score_fn, sde, (64, 3, 32, 32), predictor="reverse_diffusion",
                                 corrector="langevin", snr=0.16)
     result.x, result.nfe
+    samplers.SAMPLERS["dpm_solver"](score_fn, sde, shape, num_steps=10)   # by name
 
 Every sampler takes ``score_fn(x, t)`` (from ``models.get_score_fn`` or an exact score),
-the SDE, the sample shape, and keyword options; it returns a ``SampleResult(x, nfe)``.
-All of them use the one reverse-time drift of ``sde_lib`` (``SDE.reverse``).
+the SDE, the sample shape, its options, and the harness options (generator, device, dtype,
+x_init, progress, callback); it returns a ``SampleResult(x, nfe)``. All of them run on the
+one harness (``samplers.harness``) and its schedule view.
+
+``SAMPLERS`` is the registry: name -> ``Sampler(fn, check)``; the options of a sampler and
+their defaults are its function's keyword-only parameters. A new sampler adds its module,
+one line here and its test (tests/test_sampler_contract.py runs over every entry).
 """
-from .adaptive import dpm_solver_adaptive_sample
-from .ald import ald_sample
-from .common import SampleResult
-from .edm import edm_sample, edm_sigmas
-from .fast import DPM_ALGORITHMS, SPACINGS, ddim_sample, dpm_solver_sample, timesteps
-from .from_config import SAMPLERS, sample_from_config
+from .adaptive import check_dpm_adaptive_options, dpm_solver_adaptive_sample
+from .ald import ald_sample, check_ald_options
+from .edm import check_edm_options, edm_sample, edm_sigmas
+from .fast import (DPM_ALGORITHMS, SPACINGS, check_ddim_options, check_dpm_solver_options,
+                   ddim_sample, dpm_solver_sample, timesteps)
+from .harness import Harness, SampleResult, Sampler, Schedule, SchedulePoint
 from .likelihood import (PROBE_NOISES, TRACE_ESTIMATORS, BitsPerDimResult, LikelihoodResult,
                          bits_per_dim, log_likelihood)
-from .ode import ODE_METHODS, ode_sample
-from .pc import CORRECTORS, PREDICTORS, langevin_step_factor, pc_sample
+from .ode import ODE_METHODS, check_ode_options, ode_sample
+from .pc import CORRECTORS, PREDICTORS, check_pc_options, pc_sample
 
-__all__ = ["SampleResult", "pc_sample", "ald_sample", "ode_sample", "log_likelihood",
-           "bits_per_dim", "LikelihoodResult", "BitsPerDimResult", "PREDICTORS", "CORRECTORS",
-           "ODE_METHODS", "TRACE_ESTIMATORS", "PROBE_NOISES", "langevin_step_factor", "SAMPLERS", "sample_from_config",
-           "ddim_sample", "dpm_solver_sample", "timesteps", "SPACINGS", "DPM_ALGORITHMS",
-           "edm_sample", "edm_sigmas", "dpm_solver_adaptive_sample"]
+__all__ = ["SampleResult", "SAMPLERS", "Sampler", "Harness", "Schedule", "SchedulePoint",
+           "pc_sample", "ald_sample", "ode_sample", "ddim_sample", "dpm_solver_sample",
+           "edm_sample", "dpm_solver_adaptive_sample", "log_likelihood", "bits_per_dim",
+           "LikelihoodResult", "BitsPerDimResult", "PREDICTORS", "CORRECTORS", "ODE_METHODS",
+           "TRACE_ESTIMATORS", "PROBE_NOISES", "timesteps", "SPACINGS", "DPM_ALGORITHMS",
+           "edm_sigmas"]
+
+#: The samplers by name (main.py --sampler, config.sampling.<name>).
+SAMPLERS = {
+    "pc": Sampler(pc_sample, check_pc_options),
+    "ald": Sampler(ald_sample, check_ald_options),
+    "ode": Sampler(ode_sample, check_ode_options),
+    "ddim": Sampler(ddim_sample, check_ddim_options),
+    "dpm_solver": Sampler(dpm_solver_sample, check_dpm_solver_options),
+    "edm": Sampler(edm_sample, check_edm_options),
+    "dpm_adaptive": Sampler(dpm_solver_adaptive_sample, check_dpm_adaptive_options),
+}

@@ -5,19 +5,26 @@ from typing import Callable
 
 import torch
 
-from sde_lib import SDE, VESDE
+from sde_lib import SDE, check_bool, check_int, check_real
 
-from .common import (CountingScore, NonFiniteGuard, SampleResult, check_int, check_real,
-                     initial_state, progress_bar, std_normal_like)
+from .harness import Harness, SampleResult
 
-__all__ = ["ald_sample"]
+__all__ = ["ald_sample", "check_ald_options"]
+
+
+def check_ald_options(sde: SDE, *, n_steps_each=100, step_lr=2e-5, denoise=True) -> None:
+    """ValueError naming the first bad option of ``ald_sample`` (or the SDE it needs)."""
+    if not (sde.keeps_data_scale and sde.has_discrete_chain):
+        raise ValueError(f"ald_sample runs NCSN's annealed Langevin dynamics over the noise "
+                         f"levels of an SDE with alpha = 1 and a discrete chain (VESDE); for "
+                         f"{sde!r} use pc_sample (e.g. corrector='ald' or 'langevin')")
+    check_int("n_steps_each (Langevin steps per noise level)", n_steps_each)
+    check_real("step_lr", step_lr, strict=True)
+    check_bool("denoise", denoise)
 
 
 def ald_sample(score_fn: Callable, sde: SDE, shape, *, n_steps_each: int = 100,
-               step_lr: float = 2e-5, denoise: bool = True,
-               generator: torch.Generator | None = None, device=None,
-               dtype: torch.dtype | None = None, x_init: torch.Tensor | None = None,
-               progress: bool = False, callback: Callable | None = None) -> SampleResult:
+               step_lr: float = 2e-5, denoise: bool = True, **harness_options) -> SampleResult:
     """NCSN's annealed Langevin dynamics over the VESDE's noise levels, largest first.
 
     At level i (sigma_i, time t_i = i T / (N - 1)) it runs ``n_steps_each`` steps of
@@ -27,34 +34,21 @@ def ald_sample(score_fn: Callable, sde: SDE, shape, *, n_steps_each: int = 100,
     Defaults are NCSN's CIFAR-10 settings (10 levels 1 -> 0.01); NCSNv2 uses e.g.
     n_steps_each=5, step_lr=6.2e-6 with 232 levels from 50.
 
-    Args and result as ``pc_sample``; callback gets dict(step, level, t, x) after each level.
+    Args and result as ``pc_sample``; the callback is called after each noise level.
     """
-    if not isinstance(sde, VESDE):
-        raise ValueError(f"ald_sample runs NCSN's annealed Langevin dynamics over a VESDE's noise "
-                         f"levels; for {type(sde).__name__} use pc_sample (e.g. corrector='ald' "
-                         "or 'langevin')")
-    n_steps_each = check_int("n_steps_each", n_steps_each)
-    step_lr = check_real("step_lr", step_lr, strict=True)
-    x = initial_state(sde, shape, generator=generator, device=device, dtype=dtype, x_init=x_init)
-    score = CountingScore(score_fn)
-    levels = torch.arange(sde.N - 1, -1, -1, device=x.device)
-    times = sde.index_time(levels)                                  # float64, on x's device
-    sigmas = sde.discrete_marginal_coeffs(levels)[1]
-    step_sizes = (step_lr * (sigmas / sde.sigma_min) ** 2).to(x.dtype)
-    guard = NonFiniteGuard(times, check_every=max(1, 500 // n_steps_each))
-    batch = x.shape[0]
-    with progress_bar(sde.N, progress, "annealed Langevin") as bar:
-        for k in range(sde.N):
-            t = times[k].to(x.dtype).expand(batch)
-            a = step_sizes[k]
+    check_ald_options(sde, n_steps_each=n_steps_each, step_lr=step_lr, denoise=denoise)
+    with Harness(score_fn, sde, shape, name="annealed Langevin", total=sde.N,
+                 check_every=max(1, 500 // n_steps_each), **harness_options) as run:
+        levels = torch.arange(sde.N - 1, -1, -1)
+        times, points = run.points(sde.index_time(levels))
+        sigmas = sde.discrete_marginal_coeffs(levels)[1]
+        step_sizes = (step_lr * (sigmas / sigmas[-1]) ** 2).tolist()
+        x = run.x
+        for k, a in enumerate(step_sizes):
             for _ in range(n_steps_each):
-                x = x + 0.5 * a * score(x, t) + torch.sqrt(a) * std_normal_like(x, generator)
-            guard.update(k, x)
-            if callback is not None:
-                callback(dict(step=k, level=sde.N - 1 - k, t=times[k].item(), x=x))
-            bar.update(1)
-    if denoise:
-        t = times[-1].to(x.dtype).expand(batch)
-        x = x + sde.sigma_min ** 2 * score(x, t)
-        guard.update(sde.N - 1, x)
-    return SampleResult(x, score.nfe)
+                x = x + (0.5 * a) * run.schedule.score(x, times[k]) + a ** 0.5 * run.noise(x)
+            run.step(k, x, points[k])
+        if denoise:
+            x = run.schedule.denoise(x, points[-1])       # x + sigma_min^2 s (alpha = 1)
+            run.step(sde.N, x, points[-1], denoised=x)
+        return run.result(x)

@@ -36,8 +36,9 @@ x_hat = x_i + sqrt(sigma_hat^2 - sigma_i^2) s_noise z. A churned sigma_hat above
 to a time beyond T through ``t_from_log_snr`` (the schedules' closed forms extrapolate); use
 s_tmax < sigma(T) to avoid that.
 
-Schedules are float64 and computed before the loop; the loop has no host synchronisation
-(non-finite values are checked every 50 steps by ``common.NonFiniteGuard``).
+In this form the paper's d_i = (x_hat - D(x_hat; sigma_hat)) / sigma_hat is the noise
+prediction -std score at (alpha x_hat, t_hat), which ``harness.Schedule.noise`` gives.
+Schedules are float64 host floats computed before the loop (``harness``).
 """
 from __future__ import annotations
 
@@ -46,13 +47,15 @@ from typing import Callable
 
 import torch
 
-from sde_lib import SDE
+from sde_lib import SDE, check_bool, check_choice, check_int, check_real
 
-from .common import (CountingScore, NonFiniteGuard, SampleResult, check_eps, check_int,
-                     check_real, initial_state, progress_bar, std_normal_like)
-from .fast import _per_sample, timesteps
+from .fast import SPACINGS, timesteps
+from .harness import Harness, SampleResult, SchedulePoint, check_eps
 
-__all__ = ["edm_sample", "edm_sigmas"]
+__all__ = ["edm_sample", "edm_sigmas", "check_edm_options"]
+
+#: The point sigma = 0 (t = 0, alpha = 1) that the last step reaches.
+_DATA = SchedulePoint(t=0.0, alpha=1.0, std=0.0, lam=math.inf)
 
 
 def edm_sigmas(sde: SDE, num_steps: int, *, spacing: str = "karras", rho: float = 7.0,
@@ -65,13 +68,26 @@ def edm_sigmas(sde: SDE, num_steps: int, *, spacing: str = "karras", rho: float 
     return torch.cat([sigma, sigma.new_zeros(1)])
 
 
+def check_edm_options(sde: SDE, *, num_steps=18, spacing="karras", rho=7.0, s_churn=0.0,
+                      s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, eps=1e-3, denoise=True) -> None:
+    """ValueError naming the first bad option of ``edm_sample``."""
+    check_int("num_steps", num_steps, 2)
+    check_choice("spacing", spacing, SPACINGS)
+    check_real("rho", rho, strict=True)
+    check_real("s_churn", s_churn)
+    check_real("s_tmin", s_tmin, allow_inf=True)
+    check_real("s_tmax", s_tmax, allow_inf=True)
+    if s_tmin > s_tmax:
+        raise ValueError(f"s_tmin must be <= s_tmax, got {s_tmin} > {s_tmax}")
+    check_real("s_noise", s_noise)
+    check_eps(sde, eps)
+    check_bool("denoise", denoise)
+
+
 def edm_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 18,
                spacing: str = "karras", rho: float = 7.0, s_churn: float = 0.0,
                s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0,
-               eps: float = 1e-3, denoise: bool = True,
-               generator: torch.Generator | None = None, device=None,
-               dtype: torch.dtype | None = None, x_init: torch.Tensor | None = None,
-               progress: bool = False, callback: Callable | None = None) -> SampleResult:
+               eps: float = 1e-3, denoise: bool = True, **harness_options) -> SampleResult:
     """EDM Algorithm 2 (Karras et al. 2022): Heun steps in sigma, optional churn.
 
     Args:
@@ -86,87 +102,47 @@ def edm_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 18,
         eps: the smallest time, sigma_{N-1} = sigma(eps).
         denoise: take the last step to sigma = 0 (= Tweedie at eps; returns data); False:
             return x = alpha(eps) x_ve at t = eps.
-        generator, device, dtype, x_init, progress: as in ``pc_sample``; x_init is x_T in the
-            SDE's x-space.
-        callback: ``callback({"step": i, "t": t_{i+1}, "sigma": sigma_{i+1}, "x": x})`` after
-            every step, x in the SDE's x-space at t_{i+1} (data space after the last step).
+        harness_options: generator, device, dtype, x_init (x_T in the SDE's x-space),
+            progress, callback (x in the SDE's x-space; data space after the last step).
 
     Returns: SampleResult(x, nfe), nfe = 2 N - 1 (denoise) or 2 (N - 1).
     """
-    num_steps = check_int("num_steps", num_steps, 2)
-    eps = check_eps(sde, eps)
-    s_churn = check_real("s_churn", s_churn)
-    s_noise = check_real("s_noise", s_noise)
-    s_tmin = check_real("s_tmin", s_tmin, allow_inf=True)
-    s_tmax = check_real("s_tmax", s_tmax, allow_inf=True)
-    if s_tmin > s_tmax:
-        raise ValueError(f"s_tmin must be <= s_tmax, got {s_tmin} > {s_tmax}")
-    x = initial_state(sde, shape, generator=generator, device=device, dtype=dtype, x_init=x_init)
-    N = num_steps
-    sigmas = edm_sigmas(sde, N, spacing=spacing, rho=rho, eps=eps, device=x.device)
+    check_edm_options(sde, num_steps=num_steps, spacing=spacing, rho=rho, s_churn=s_churn,
+                      s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, eps=eps, denoise=denoise)
+    last = num_steps - 1 if denoise else num_steps - 2          # index of the final step
+    with Harness(score_fn, sde, shape, name="edm", total=last + 1, **harness_options) as run:
+        sigmas = edm_sigmas(sde, num_steps, spacing=spacing, rho=rho, eps=eps)
+        churn = _churn(sigmas[:-1], num_steps, s_churn, s_tmin, s_tmax, s_noise)
+        t_hat, hat = run.points(run.schedule.t_from_sigma(churn[0]))       # line 5
+        t_next, nxt = run.points(run.schedule.t_from_sigma(sigmas[1:-1]))  # sigma_1..sigma_{N-1}
+        nxt.append(_DATA)
+        noise_scale = churn[1].tolist()
+        x = run.x / run.points(run.schedule.t_from_sigma(sigmas[:1]))[1][0].alpha   # x_ve at sigma_0
+        for i in range(last + 1):                                          # line 3
+            # lines 4-6: x_hat = x_i + sqrt(sigma_hat^2 - sigma_i^2) eps_i, eps_i ~ N(0, S_noise^2)
+            x_hat = x.add(run.noise(x), alpha=noise_scale[i]) if noise_scale[i] > 0 else x
+            # line 7: d_i = (x_hat - D(x_hat; sigma_hat)) / sigma_hat = eps_hat at sigma_hat
+            d = run.schedule.noise(x_hat * hat[i].alpha, hat[i], run.schedule.score(
+                x_hat * hat[i].alpha, t_hat[i]))
+            # line 8: x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) d_i   (Euler step)
+            step = nxt[i].sigma - hat[i].sigma
+            x = x_hat.add(d, alpha=step)
+            if i < num_steps - 1:                                          # line 9: sigma_{i+1} > 0
+                # lines 10-11: d'_i at x_{i+1}; x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat)(d + d') / 2
+                d_prime = run.schedule.noise(x * nxt[i].alpha, nxt[i], run.schedule.score(
+                    x * nxt[i].alpha, t_next[i]))
+                x = x_hat.add(d.add_(d_prime), alpha=0.5 * step)
+            run.step(i, x * nxt[i].alpha, nxt[i])
+        return run.result(x * nxt[last].alpha)
 
-    # ----- float64 schedules, before the loop ----------------------------------------------
-    # gamma_i = min(S_churn / N, sqrt(2) - 1) if t_i in [S_tmin, S_tmax] else 0   (Alg. 2)
-    s = sigmas[:-1]
-    in_range = (s >= s_tmin) & (s <= s_tmax)
-    gamma = torch.where(in_range, torch.full_like(s, min(s_churn / N, math.sqrt(2.0) - 1.0)),
-                        torch.zeros_like(s))
-    sigma_hat = s * (1.0 + gamma)                                          # line 5
-    noise_scale = s_noise * torch.sqrt((sigma_hat ** 2 - s ** 2).clamp(min=0.0))   # line 6
-    churn = s_churn > 0 and s_noise > 0
 
-    def coeffs(sig: torch.Tensor):
-        """t, alpha, std at noise levels sigma > 0: t = t_from_log_snr(-2 log sigma)."""
-        t = sde.t_from_log_snr(-2.0 * torch.log(sig))
-        alpha, std = sde.marginal_coeffs(t)
-        return t, alpha, std
-
-    t_hat, a_hat, sd_hat = coeffs(sigma_hat)
-    t_next, a_next, sd_next = coeffs(sigmas[1:-1])       # sigma_1 ... sigma_{N-1} (> 0)
-    t_0, a_0, _ = coeffs(sigmas[:1])
-    counter = CountingScore(score_fn)
-    batch = x.shape[0]
-
-    def D(x_ve, t, alpha, std):
-        """The denoiser D(x_ve; sigma) = (x + std^2 score(x, t)) / alpha, x = alpha x_ve."""
-        x_sde = _per_sample(alpha, x_ve) * x_ve
-        score = counter(x_sde, t.expand(batch)).to(x_ve.dtype)
-        return (x_sde + _per_sample(std, x_ve) ** 2 * score) / _per_sample(alpha, x_ve)
-
-    x = x / _per_sample(a_0[0], x)                       # x_0 = x_T / alpha(T), ~N(0, sigma_0^2)
-    last = N - 1 if denoise else N - 2                   # index of the final step taken
-    guard = NonFiniteGuard(sigmas[1:last + 2])
-    bar = progress_bar(last + 1, progress, "edm_sample")
-    try:
-        with torch.no_grad():
-            for i in range(last + 1):                                      # line 3
-                sig_hat, sig_next = sigma_hat[i], sigmas[i + 1]
-                # lines 4-6: eps_i ~ N(0, S_noise^2 I); t_hat = t_i + gamma_i t_i;
-                # x_hat = x_i + sqrt(t_hat^2 - t_i^2) eps_i
-                if churn:
-                    x_hat = x + noise_scale[i] * std_normal_like(x, generator)
-                else:
-                    x_hat = x
-                # line 7: d_i = (x_hat - D(x_hat; t_hat)) / t_hat
-                d = (x_hat - D(x_hat, t_hat[i], a_hat[i], sd_hat[i])) / sig_hat
-                # line 8: x_{i+1} = x_hat + (t_{i+1} - t_hat) d_i   (Euler step)
-                x = x_hat + (sig_next - sig_hat) * d
-                if i < N - 1:                                              # line 9: t_{i+1} != 0
-                    # line 10: d'_i = (x_{i+1} - D(x_{i+1}; t_{i+1})) / t_{i+1}
-                    d_prime = (x - D(x, t_next[i], a_next[i], sd_next[i])) / sig_next
-                    # line 11: x_{i+1} = x_hat + (t_{i+1} - t_hat) (d_i / 2 + d'_i / 2)
-                    x = x_hat + (sig_next - sig_hat) * (0.5 * d + 0.5 * d_prime)
-                guard.update(i, x)
-                bar.update(1)
-                if callback is not None:
-                    if i < N - 1:
-                        callback({"step": i, "t": t_next[i], "sigma": sig_next,
-                                  "x": _per_sample(a_next[i], x) * x})
-                    else:
-                        callback({"step": i, "t": torch.zeros_like(sig_next), "sigma": sig_next,
-                                  "x": x})
-        if not denoise:                                  # back to x-space at t = eps
-            x = _per_sample(a_next[-1], x) * x
-    finally:
-        bar.close()
-    return SampleResult(x=x, nfe=counter.nfe)
+def _churn(sigmas: torch.Tensor, num_steps: int, s_churn: float, s_tmin: float, s_tmax: float,
+           s_noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma_hat, noise scale) of each step: gamma_i = min(S_churn / N, sqrt(2) - 1) if
+    sigma_i in [S_tmin, S_tmax] else 0 (Alg. 2 line 5); sigma_hat = sigma_i (1 + gamma_i);
+    scale = S_noise sqrt(sigma_hat^2 - sigma_i^2) (line 6), 0 without churn."""
+    in_range = (sigmas >= s_tmin) & (sigmas <= s_tmax)
+    gamma = torch.where(in_range, min(s_churn / num_steps, math.sqrt(2.0) - 1.0), 0.0)
+    sigma_hat = sigmas * (1.0 + gamma)
+    scale = s_noise * torch.sqrt((sigma_hat ** 2 - sigmas ** 2).clamp(min=0.0))
+    return sigma_hat, scale if (s_churn > 0 and s_noise > 0) else torch.zeros_like(scale)

@@ -1,54 +1,43 @@
-"""Fast deterministic / few-step samplers written through each SDE's Gaussian marginal:
-DDIM (Song, Meng & Ermon 2021) and DPM-Solver / DPM-Solver++ of orders 1-3 (Lu et al. 2022,
-"DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling in Around 10
-Steps", NeurIPS 2022; Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
-Diffusion Probabilistic Models", arXiv:2211.01095).
+"""Few-step samplers written through each SDE's Gaussian marginal: DDIM (Song, Meng & Ermon
+2021) and DPM-Solver / DPM-Solver++ of orders 1-3 (Lu et al. 2022, "DPM-Solver", NeurIPS
+2022; Lu et al. 2022, "DPM-Solver++", arXiv:2211.01095), single-step and multistep.
 
-Every SDE of sde_lib has the kernel x_t = alpha_t x_0 + std_t z (``sde.marginal_coeffs``), so
-the score gives a data prediction and a noise prediction,
+Every SDE of sde_lib has the kernel x_t = alpha_t x_0 + std_t z, so the score gives the data
+and noise predictions of ``harness.Schedule``, and the probability-flow ODE is solved
+exactly in its linear part in the half log-SNR lambda = log(alpha / std) (half of
+``sde.log_snr``). The same code serves VP, sub-VP and VE (alpha = 1, std = sigma).
 
-    x0_hat(x, t) = (x + std_t^2 score(x, t)) / alpha_t,     eps_hat(x, t) = -std_t score(x, t),
-
-and the probability-flow ODE is solved exactly in its linear part in terms of the papers'
-half log-SNR lambda_t = log(alpha_t / std_t) = sde.log_snr(t) / 2 (NOTE: half of our
-``log_snr``). Hence the same code serves VP, sub-VP and VE (alpha = 1, std = sigma).
-
-Time steps (``timesteps``): uniform in t, uniform in log-SNR (the papers' default), or the
-Karras et al. (2022, "Elucidating the Design Space...", eq. 5) rho-schedule on the noise level
-sigma = std / alpha = exp(-log_snr / 2), all mapped back to t with ``sde.t_from_log_snr``.
-
-Schedules are float64; the loops make no host synchronisation per step (non-finite values
-are checked every 50 steps by ``common.NonFiniteGuard``) and are vectorised over the batch.
+Each sampler precomputes its grid of ``SchedulePoint``s, and every update is a linear
+combination ``c_x x + sum_k c_k m_k`` of the state and model outputs m_k whose coefficients
+are host floats: the loop launches a handful of kernels per step and never synchronises.
 """
 from __future__ import annotations
 
-import numbers
+import math
 from typing import Callable
 
 import torch
 
-from sde_lib import SCHEDULE_DTYPE, SDE, append_dims
+from sde_lib import SCHEDULE_DTYPE, SDE, check_bool, check_choice, check_int, check_real
 
-from .common import (CountingScore, NonFiniteGuard, SampleResult, check_choice, check_eps,
-                     check_int, check_real, initial_state,
-                     progress_bar, std_normal_like)
-from .ode import tweedie_denoise
+from .harness import Harness, SampleResult, Schedule, SchedulePoint, check_eps
 
-__all__ = ["timesteps", "ddim_sample", "dpm_solver_sample", "SPACINGS", "DPM_ALGORITHMS",
-           "WARMUPS", "data_prediction", "noise_prediction"]
+__all__ = ["timesteps", "ddim_sample", "dpm_solver_sample", "check_ddim_options",
+           "check_dpm_solver_options", "ExponentialStep", "combine", "model_output", "singlestep_2", "singlestep_3",
+           "final_denoise", "SPACINGS",
+           "DPM_ALGORITHMS", "WARMUPS", "LOWER_ORDER_FINAL_BELOW"]
 
 #: Valid ``spacing`` names of ``timesteps``.
 SPACINGS = ("logsnr", "uniform", "karras")
 #: Valid ``warmup`` names of ``dpm_solver_sample`` (how multistep order 3 starts).
 WARMUPS = ("lower_order", "singlestep")
-#: Valid ``algorithm`` names of ``dpm_solver_sample``: data (++) or noise prediction.
+#: Valid ``algorithm`` names: data prediction (DPM-Solver++) or noise prediction.
 DPM_ALGORITHMS = ("dpmsolver++", "dpmsolver")
-#: ``dpm_solver_sample(lower_order_final=True)`` lowers the final multistep orders only for
-#: runs of fewer steps than this (the official DPM-Solver / diffusers threshold).
+#: ``lower_order_final=True`` lowers the final multistep orders only for runs of fewer steps
+#: than this (the official DPM-Solver / diffusers threshold).
 LOWER_ORDER_FINAL_BELOW = 15
 
 
-# ----- checks -------------------------------------------------------------------------------
 # ----- time steps ---------------------------------------------------------------------------
 def timesteps(sde: SDE, num_steps: int, *, spacing: str = "logsnr", eps: float = 1e-3,
               rho: float = 7.0, device=None) -> torch.Tensor:
@@ -79,125 +68,196 @@ def timesteps(sde: SDE, num_steps: int, *, spacing: str = "logsnr", eps: float =
             rho = check_real("rho", rho, strict=True)
             # sigma^(1/rho) = exp(-lambda / (2 rho))
             lo, hi = torch.exp(-lam_eps / (2 * rho)), torch.exp(-lam_T / (2 * rho))
-            sigma = (hi + frac * (lo - hi)) ** rho
-            lam = -2.0 * torch.log(sigma)
+            lam = -2.0 * rho * torch.log(hi + frac * (lo - hi))
         t = sde.t_from_log_snr(lam)
     t[0], t[-1] = T, eps
     return t
 
 
-# ----- predictions from the score -----------------------------------------------------------
-def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A 0-d or (B,) coefficient, broadcastable against x (0-d tensors keep x's dtype)."""
-    return append_dims(v.to(x.dtype), x.ndim) if v.ndim else v
+def combine(x: torch.Tensor, c_x: float, coefficients, outputs) -> torch.Tensor:
+    """c_x x + sum_k c_k m_k with host-float coefficients c_k of the outputs m_k (one kernel
+    per term)."""
+    out = x * c_x
+    for m, c in zip(outputs, coefficients):
+        out = out.add_(m, alpha=c)
+    return out
 
 
-def data_prediction(score: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor,
-                    std: torch.Tensor) -> torch.Tensor:
-    """x0_hat = (x + std^2 score) / alpha (Tweedie's formula); alpha, std: 0-d or (B,)."""
-    return (x + _per_sample(std, x) ** 2 * score) / _per_sample(alpha, x)
+# ----- the exponential integrator of DPM-Solver ----------------------------------------------
+class ExponentialStep:
+    """One step of DPM-Solver from the point s to later points p (host-float SchedulePoints),
+    in the exponential-integrator form shared by its two parameterisations:
+
+        data prediction (DPM-Solver++; sgn = -1):  ratio(p) = std_p / std_s,     w(p) = alpha_p
+        noise prediction (DPM-Solver; sgn = +1):   ratio(p) = alpha_p / alpha_s, w(p) = std_p
+
+    so that the first-order step to p, h = lam_p - lam_s, is (DPM-Solver eq. 3.7 / DPM-Solver++
+    eq. 4.1) x_p = ratio(p) x - w(p) expm1(sgn h) m_s. Each method returns the coefficients
+    (c_x, [c_0, c_1, ...]) of x and of the model outputs m_0 = m_s, m_1, ... for ``combine``.
+    """
+
+    def __init__(self, s: SchedulePoint, data: bool):
+        self.s, self.data, self.sgn = s, data, (-1.0 if data else 1.0)
+
+    def _parts(self, p: SchedulePoint):
+        """(h, ratio(p), w(p)) of the step from s to p."""
+        ratio = p.std / self.s.std if self.data else p.alpha / self.s.alpha
+        return p.lam - self.s.lam, ratio, (p.alpha if self.data else p.std)
+
+    def first_order(self, p: SchedulePoint):
+        """DPM-Solver-1 / DPM-Solver++(1), which equal DDIM with eta = 0."""
+        h, ratio, w = self._parts(p)
+        return ratio, [-w * math.expm1(self.sgn * h)]
+
+    def singlestep_2(self, p: SchedulePoint, r1: float):
+        """Given m_1 at lam_s + r1 h: DPM-Solver-2 (DPM-Solver Alg. 1 with r1) and
+        DPM-Solver++(2S) (DPM-Solver++ Alg. 1), x_p = x_p^(1) - w expm1(sgn h) / (2 r1) (m_1 - m_0)."""
+        h, ratio, w = self._parts(p)
+        phi = -w * math.expm1(self.sgn * h)
+        return ratio, [phi * (1.0 - 0.5 / r1), phi * 0.5 / r1]
+
+    def third_intermediate(self, p2: SchedulePoint, r1: float, r2: float):
+        """The second intermediate state u_2 of DPM-Solver-3 at lam_s + r2 h, given m_1 at
+        lam_s + r1 h (DPM-Solver Alg. 2; DPM-Solver++ App. A):
+        u_2 = ratio x - w expm1(sgn r2 h) m_0 - sgn (r2 / r1) w phi_2 (m_1 - m_0)."""
+        h2, ratio, w = self._parts(p2)                       # h2 = r2 h
+        phi_1 = math.expm1(self.sgn * h2)
+        phi_2 = phi_1 / h2 - self.sgn
+        c1 = -self.sgn * (r2 / r1) * w * phi_2
+        return ratio, [-w * phi_1 - c1, c1]
+
+    def third_order(self, p: SchedulePoint, r2: float):
+        """DPM-Solver-3 from m_0 and m_2 at lam_s + r2 h (m_1 enters through u_2 only):
+        x_p = ratio x - w expm1(sgn h) m_0 - sgn (w phi_2 / r2) (m_2 - m_0)."""
+        h, ratio, w = self._parts(p)
+        phi_1 = math.expm1(self.sgn * h)
+        c2 = -self.sgn * w * (phi_1 / h - self.sgn) / r2
+        return ratio, [-w * phi_1 - c2, 0.0, c2]
+
+    def multistep_2(self, p: SchedulePoint, h0: float):
+        """DPM-Solver++(2M) (DPM-Solver++ Alg. 2) and its noise form, with the previous output
+        m_1 at lam_s - h0: D = m_0 + (m_0 - m_1) / (2 r), r = h0 / h."""
+        h, ratio, w = self._parts(p)
+        phi, r = -w * math.expm1(self.sgn * h), h0 / h
+        return ratio, [phi * (1.0 + 0.5 / r), -phi * 0.5 / r]
+
+    def multistep_3(self, p: SchedulePoint, h0: float, h1: float):
+        """Third-order multistep (3M; DPM-Solver++ App. B) from m_0, m_1, m_2 at lam_s,
+        lam_s - h0, lam_s - h0 - h1, r0 = h0 / h, r1 = h1 / h: divided differences
+        D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1) ~ h m', D2 = 2 (D1_0 - D1_1) / (r0 + r1) ~ h^2 m''
+        (the official code omits the 2 and measures only second order; tests/test_fast.py),
+        and the exact integrals: x_p = ratio x - w phi_1 m_0 - sgn w phi_2 D1 - w phi_3 D2 with
+        phi_1 = expm1(sgn h), phi_2 = phi_1 / h - sgn, phi_3 = phi_2 / h - 1/2."""
+        h, ratio, w = self._parts(p)
+        r0, r1 = h0 / h, h1 / h
+        d10 = (1.0 / r0, -1.0 / r0, 0.0)                           # D1_0 in m_0, m_1, m_2
+        diff = (1.0 / r0, -(1.0 / r0 + 1.0 / r1), 1.0 / r1)         # D1_0 - D1_1
+        d1 = [a + r0 / (r0 + r1) * b for a, b in zip(d10, diff)]
+        d2 = [2.0 / (r0 + r1) * b for b in diff]
+        phi_1 = math.expm1(self.sgn * h)
+        phi_2 = phi_1 / h - self.sgn
+        phi_3 = phi_2 / h - 0.5
+        first = (-w * phi_1, 0.0, 0.0)
+        return ratio, [f - self.sgn * w * phi_2 * a - w * phi_3 * b
+                       for f, a, b in zip(first, d1, d2)]
 
 
-def noise_prediction(score: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """eps_hat = -std * score; std: 0-d or (B,)."""
-    return -_per_sample(std, score) * score
+def model_output(schedule: Schedule, x: torch.Tensor, t: torch.Tensor, point: SchedulePoint,
+                 data: bool) -> torch.Tensor:
+    """The data prediction (Tweedie) or the noise prediction at (x, t) from one score
+    evaluation; ``point`` holds alpha, std at t."""
+    score = schedule.score(x, t)
+    return schedule.denoise(x, point, score) if data else schedule.noise(x, point, score)
 
 
-class _Schedule:
-    """float64 alpha, std and half log-SNR lambda = log(alpha / std) at given times."""
-
-    def __init__(self, sde: SDE, t: torch.Tensor):
-        self.t = t
-        self.alpha, self.std = sde.marginal_coeffs(t)
-        self.lam = 0.5 * sde.log_snr(t)
-
-
-class _Model:
-    """Score -> (data or noise) prediction at a 0-d float64 time, counting evaluations."""
-
-    def __init__(self, counter: CountingScore, batch: int, data: bool):
-        self.counter, self.batch, self.data = counter, batch, data
-
-    def __call__(self, x: torch.Tensor, t, alpha, std) -> torch.Tensor:
-        score = self.counter(x, t.expand(self.batch)).to(x.dtype)    # keep the state's dtype
-        return data_prediction(score, x, alpha, std) if self.data else noise_prediction(score, std)
+# ----- checks -------------------------------------------------------------------------------
+def _check_grid_options(sde: SDE, num_steps, spacing, eps, denoise) -> None:
+    check_int("num_steps", num_steps, 1)
+    check_choice("spacing", spacing, SPACINGS)
+    check_eps(sde, eps)
+    check_bool("denoise", denoise)
 
 
-def _denoise(counter: CountingScore, sde: SDE, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """The final Tweedie step at eps (``ode.tweedie_denoise``), in the state's dtype."""
-    return tweedie_denoise(lambda y, t: counter(y, t).to(y.dtype), sde, x, eps)
+def check_ddim_options(sde: SDE, *, num_steps=20, eta=0.0, spacing="logsnr", eps=1e-3,
+                       denoise=True) -> None:
+    """ValueError naming the first bad option of ``ddim_sample``."""
+    _check_grid_options(sde, num_steps, spacing, eps, denoise)
+    check_real("eta", eta)
 
 
-def _setup(score_fn, sde, shape, num_steps, spacing, eps, generator, device, dtype, x_init):
-    num_steps = check_int("num_steps", num_steps, 1)
-    eps = check_eps(sde, eps)
-    x = initial_state(sde, shape, generator=generator, device=device, dtype=dtype, x_init=x_init)
-    t = timesteps(sde, num_steps, spacing=spacing, eps=eps, device=x.device)
-    return num_steps, eps, x, t, CountingScore(score_fn)
+def check_dpm_solver_options(sde: SDE, *, num_steps=20, order=2, multistep=True,
+                             algorithm="dpmsolver++", spacing="logsnr", eps=1e-3, denoise=True,
+                             warmup="lower_order", lower_order_final=True) -> None:
+    """ValueError naming the first bad option of ``dpm_solver_sample``."""
+    _check_grid_options(sde, num_steps, spacing, eps, denoise)
+    check_int("order", order, 1, 3)
+    check_bool("multistep", multistep)
+    check_choice("algorithm", algorithm, DPM_ALGORITHMS)
+    check_choice("warmup", warmup, WARMUPS)
+    check_bool("lower_order_final", lower_order_final)
+
+
+def _grid(run: Harness, num_steps: int, spacing: str, eps: float):
+    """(device (B,) times, host-float points) of the time steps T = t_0 > ... > t_n = eps."""
+    return run.points(timesteps(run.sde, num_steps, spacing=spacing, eps=eps))
+
+
+def final_denoise(run: Harness, x: torch.Tensor, eps: float, step: int) -> torch.Tensor:
+    """The last denoising step of the Score SDE samplers: Tweedie's x0_hat at t = eps (one
+    more score evaluation)."""
+    point = run.schedule.at(torch.tensor(eps, dtype=SCHEDULE_DTYPE, device=run.x.device))
+    x0 = run.schedule.denoise(x, point)
+    run.step(step, x0, None, denoised=x0)
+    return x0
 
 
 # ----- DDIM ---------------------------------------------------------------------------------
 def ddim_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, eta: float = 0.0,
                 spacing: str = "logsnr", eps: float = 1e-3, denoise: bool = True,
-                generator: torch.Generator | None = None, device=None,
-                dtype: torch.dtype | None = None, x_init: torch.Tensor | None = None,
-                progress: bool = False, callback: Callable | None = None) -> SampleResult:
+                **harness_options) -> SampleResult:
     """DDIM (Song, Meng & Ermon 2021, eq. 12) for any kernel x_t = alpha_t x_0 + std_t z.
 
-    From time t to the next (smaller) time s, with x0_hat, eps_hat the predictions at (x, t):
+    From time s to the next (smaller) time t, with x0_hat, eps_hat the predictions at (x, s):
 
-        x_s = alpha_s x0_hat + sqrt(std_s^2 - sigma_eta^2) eps_hat + sigma_eta z,
-        sigma_eta = eta * std_s * sqrt(1 - alpha_t^2 std_s^2 / (alpha_s^2 std_t^2))
-                  = eta * std_s * sqrt(-expm1(log_snr(t) - log_snr(s))).
+        x_t = alpha_t x0_hat + sqrt(std_t^2 - sigma_eta^2) eps_hat + sigma_eta z,
+        sigma_eta = eta * std_t * sqrt(1 - alpha_s^2 std_t^2 / (alpha_t^2 std_s^2)).
 
-    With eta = 1 this is the exact posterior q(x_s | x_t, x_0 = x0_hat), whose variance is
-    std_s^2 (1 - alpha_t^2 std_s^2 / (alpha_s^2 std_t^2)); for VP it is DDIM's eq. 16
-    sigma = sqrt((1 - abar_s)/(1 - abar_t)) sqrt(1 - abar_t/abar_s). eta = 0 is deterministic
-    and equals first-order DPM-Solver (DPM-Solver paper, Sec. 4.1 / DPM-Solver-1).
+    eta = 1 is the exact posterior q(x_t | x_s, x_0 = x0_hat) (DDIM eq. 16 for VP); eta = 0 is
+    deterministic and equals first-order DPM-Solver. Written as x_t = c_x x + c_s score + c_z z.
 
     Args:
         score_fn: ``score_fn(x, t)``, t a (B,) float64 tensor in [eps, T].
         sde, shape: the forward SDE; (B, *data_shape).
         num_steps: steps from T to eps (one score evaluation each).
-        eta: stochasticity, >= 0 (1: ancestral / DDPM-like; 0: deterministic).
-        spacing: "logsnr", "uniform" or "karras" (see ``timesteps``).
+        eta: stochasticity, >= 0. spacing: "logsnr", "uniform" or "karras" (``timesteps``).
         eps: the last time; denoise: one more evaluation for the Tweedie step at eps.
-        generator, device, dtype, x_init, progress: as in ``pc_sample``.
-        callback: ``callback({"step": i, "t": t_next, "x": x})`` after every step.
+        harness_options: generator, device, dtype, x_init, progress, callback (``harness``).
 
     Returns: SampleResult(x, nfe) with nfe = num_steps (+ 1 if denoise).
     """
-    eta = check_real("eta", eta)
-    num_steps, eps, x, t, counter = _setup(score_fn, sde, shape, num_steps, spacing, eps,
-                                           generator, device, dtype, x_init)
-    sch = _Schedule(sde, t)
-    # per-step coefficients (float64, on the device; no host syncs in the loop)
-    std_s = sch.std[1:]
-    # 2 (lam_t - lam_s) = log(alpha_t^2 std_s^2 / (alpha_s^2 std_t^2)) < 0
-    sigma_eta = float(eta) * std_s * torch.sqrt(-torch.expm1(2.0 * (sch.lam[:-1] - sch.lam[1:])))
-    noise_coef = torch.sqrt((std_s ** 2 - sigma_eta ** 2).clamp(min=0.0))
-    model = _Model(counter, x.shape[0], data=True)
-    guard = NonFiniteGuard(t[1:])
-    bar = progress_bar(num_steps, progress, "ddim_sample")
-    try:
-        with torch.no_grad():
-            for i in range(num_steps):
-                alpha_t, std_t = sch.alpha[i], sch.std[i]
-                x0 = model(x, t[i], alpha_t, std_t)
-                eps_hat = (x - alpha_t * x0) / std_t
-                x_new = sch.alpha[i + 1] * x0 + noise_coef[i] * eps_hat
-                if eta > 0:
-                    x_new = x_new + sigma_eta[i] * std_normal_like(x, generator)
-                x = x_new
-                guard.update(i, x)
-                bar.update(1)
-                if callback is not None:
-                    callback({"step": i, "t": t[i + 1], "x": x})
-            if denoise:
-                x = _denoise(counter, sde, x, eps)
-    finally:
-        bar.close()
-    return SampleResult(x=x, nfe=counter.nfe)
+    check_ddim_options(sde, num_steps=num_steps, eta=eta, spacing=spacing, eps=eps,
+                       denoise=denoise)
+    with Harness(score_fn, sde, shape, name="ddim", total=num_steps, **harness_options) as run:
+        times, points = _grid(run, num_steps, spacing, eps)
+        x = run.x
+        for i in range(num_steps):
+            c_x, c_score, c_z = _ddim_coefficients(points[i], points[i + 1], eta)
+            x = combine(x, c_x, [c_score], [run.schedule.score(x, times[i])])
+            if c_z > 0:
+                x = x.add_(run.noise(x), alpha=c_z)
+            run.step(i, x, points[i + 1])
+        if denoise:
+            x = final_denoise(run, x, eps, num_steps)
+        return run.result(x)
+
+
+def _ddim_coefficients(s: SchedulePoint, t: SchedulePoint, eta: float):
+    """(c_x, c_score, c_z) of DDIM's step from s to t: x0_hat = (x + std_s^2 score) / alpha_s,
+    eps_hat = -std_s score; sigma_eta^2 = eta^2 std_t^2 (-expm1(2 (lam_s - lam_t)))."""
+    sigma_eta = eta * t.std * math.sqrt(-math.expm1(2.0 * (s.lam - t.lam)))
+    c_eps = math.sqrt(max(t.std ** 2 - sigma_eta ** 2, 0.0))
+    c_x = t.alpha / s.alpha
+    return c_x, c_x * s.std ** 2 - c_eps * s.std, sigma_eta
 
 
 # ----- DPM-Solver(++) -----------------------------------------------------------------------
@@ -205,206 +265,122 @@ def dpm_solver_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 2
                       multistep: bool = True, algorithm: str = "dpmsolver++",
                       spacing: str = "logsnr", eps: float = 1e-3, denoise: bool = True,
                       warmup: str = "lower_order", lower_order_final: bool = True,
-                      generator: torch.Generator | None = None, device=None,
-                      dtype: torch.dtype | None = None, x_init: torch.Tensor | None = None,
-                      progress: bool = False, callback: Callable | None = None) -> SampleResult:
+                      **harness_options) -> SampleResult:
     """DPM-Solver (noise prediction) / DPM-Solver++ (data prediction), orders 1-3.
 
-    With lambda = log(alpha / std) (half of ``sde.log_snr``) and h = lambda_t - lambda_s for a
-    step from s to t (t < s in time, lambda_t > lambda_s), the updates are the papers':
+    Single-step (``multistep=False``): order 2 through lam_s + h/2 (DPM-Solver-2,
+    DPM-Solver++(2S)), order 3 through lam_s + h/3 and lam_s + 2h/3 (DPM-Solver-3); ``order``
+    evaluations per step. Multistep: previous outputs reused, one evaluation per step
+    (DPM-Solver++(2M), 3M); the updates are ``ExponentialStep``'s.
 
-    order 1 (DPM-Solver eq. 3.7 / DPM-Solver++ eq. 4.1; both equal DDIM with eta = 0):
-        noise: x_t = alpha_t/alpha_s x_s - std_t expm1(h) eps_s
-        data:  x_t = std_t/std_s x_s - alpha_t expm1(-h) x0_s
-    single-step (``multistep=False``), intermediate times at lambda_s + r h:
-        order 2 (r1 = 1/2): DPM-Solver-2 (DPM-Solver Alg. 4 in App. / Alg. 1 with r1),
-            DPM-Solver++(2S) (DPM-Solver++ Alg. 1);
-        order 3 (r1 = 1/3, r2 = 2/3): DPM-Solver-3 (DPM-Solver Alg. 2 / App. A.5),
-            and its data-prediction form (DPM-Solver++ App. / official code).
-    multistep (``multistep=True``), previous predictions reused, 1 evaluation per step:
-        order 2: DPM-Solver++(2M) (DPM-Solver++ Alg. 2) and its noise-prediction form;
-        order 3: the third-order multistep method (3M) of DPM-Solver++ (App. B / the
-            official code's ``multistep_dpm_solver_third_update``), with one correction: the
-            second divided difference D2 carries the factor 2 of the Taylor term
-            m''(lambda) tau^2 / 2, i.e. D2 ~ h^2 m'' (as the official single-step "taylor"
-            variant has); the official multistep form, D2 ~ h^2 m'' / 2, measured only
-            second order against the exact Gaussian flow (tests/test_fast.py).
-        Warm-up (``warmup``): "lower_order" (the papers' and the default) starts with
-        orders 1, 2 until enough history exists; a first-order first step has local error
-        O(h^2), which bounds 3M's global order by 2 when that step matters (measured on VE).
-        "singlestep" takes the first 3M step with the single-step second-order method (one
-        more evaluation), which keeps 3M third order.
-        Lower-order final steps (``lower_order_final``, on by default as in the official
-        DPM-Solver code): with fewer than LOWER_ORDER_FINAL_BELOW = 15 steps (the official
-        code's current threshold; older versions used 10), multistep step i (0-based) uses
-        order min(order, num_steps - i): the last step is first order, the one before at
-        most second order. Its purpose is stability with trained networks, whose outputs
-        are least smooth at small t, where few-step grids take their longest extrapolations;
-        on the exact score it costs accuracy (bench/README.md). It does not change
-        single-step methods or runs of >= 15 steps.
-    All phi functions use expm1 for accuracy when h is small.
+    Warm-up of multistep order 3 (``warmup``): "lower_order" (the papers') takes orders 1, 2
+    until enough history exists, which bounds 3M's global order by 2 where the first step
+    matters (measured on VE); "singlestep" takes the first step with the single-step
+    second-order method (one more evaluation) and keeps third order.
+    ``lower_order_final`` (the official default): below LOWER_ORDER_FINAL_BELOW = 15 steps,
+    multistep step i uses order min(order, num_steps - i), for stability with trained
+    networks at small t; on the exact score it costs accuracy (bench/README.md).
 
     Args:
-        order: 1, 2 or 3. multistep: multistep (1 NFE / step) or single-step (order NFE /
-            step) methods. algorithm: "dpmsolver++" (data prediction, the better choice for
-            few steps / guidance) or "dpmsolver" (noise prediction).
-        num_steps: steps (outer steps for single-step methods); nfe = num_steps * (1 or
-            order) (+ 1 with warmup="singlestep" and order 3 multistep) (+ 1 if denoise).
-        warmup: "lower_order" or "singlestep", how multistep order 3 starts (see above).
-        lower_order_final: lower orders for the last multistep steps when num_steps < 15.
-        Others as in ``ddim_sample``. callback gets {"step", "t", "x"} after every step.
+        order: 1, 2 or 3. multistep: multistep or single-step. algorithm: "dpmsolver++" or
+            "dpmsolver". num_steps: (outer) steps. warmup, lower_order_final: see above.
+        spacing, eps, denoise, harness_options: as in ``ddim_sample``.
+
+    Returns: SampleResult(x, nfe), nfe = num_steps * (1 or order) (+ 1 with
+    warmup="singlestep" and 3M) (+ 1 if denoise).
     """
-    check_choice("algorithm", algorithm, DPM_ALGORITHMS)
-    check_choice("warmup", warmup, WARMUPS)
-    if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order not in (1, 2, 3):
-        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
-    order = int(order)
-    num_steps, eps, x, t, counter = _setup(score_fn, sde, shape, num_steps, spacing, eps,
-                                           generator, device, dtype, x_init)
+    check_dpm_solver_options(sde, num_steps=num_steps, order=order, multistep=multistep,
+                             algorithm=algorithm, spacing=spacing, eps=eps, denoise=denoise,
+                             warmup=warmup, lower_order_final=lower_order_final)
     data = algorithm == "dpmsolver++"
-    lower_final = bool(lower_order_final) and num_steps < LOWER_ORDER_FINAL_BELOW
-    model = _Model(counter, x.shape[0], data=data)
-    sch = _Schedule(sde, t)
-    guard = NonFiniteGuard(t[1:])
-    bar = progress_bar(num_steps, progress, f"dpm_solver_sample ({algorithm}, order {order})")
-
-    singlestep_start = multistep and order == 3 and warmup == "singlestep"
-    if (not multistep and order > 1) or singlestep_start:
-        # intermediate times at lambda_s + r h (r = 1/2, or 1/3 and 2/3)
-        rs = (0.5,) if (order == 2 or singlestep_start) else (1.0 / 3.0, 2.0 / 3.0)
-        h_all = sch.lam[1:] - sch.lam[:-1]
-        mids = [_Schedule(sde, sde.t_from_log_snr(2.0 * (sch.lam[:-1] + r * h_all))) for r in rs]
-    try:
-        with torch.no_grad():
-            history: list[torch.Tensor] = []        # model outputs at t_{i}, t_{i-1}, ...
-            for i in range(num_steps):
-                s_idx, t_idx = i, i + 1
-                a_s, sd_s, l_s = sch.alpha[s_idx], sch.std[s_idx], sch.lam[s_idx]
-                a_t, sd_t, l_t = sch.alpha[t_idx], sch.std[t_idx], sch.lam[t_idx]
-                h = l_t - l_s
-                m0 = model(x, t[s_idx], a_s, sd_s)
-                if multistep or order == 1:
-                    history.insert(0, m0)
-                    del history[order:]
-                    k = min(order, i + 1)
-                    if lower_final:
-                        k = min(k, num_steps - i)
-                    if k == 1 and singlestep_start and i == 0:
-                        x = _singlestep_2_step(x, m0, model, data, a_s, sd_s, a_t, sd_t, h,
-                                               mids[0], i)
-                    elif k == 1:
-                        x = _first_order(x, m0, data, a_s, sd_s, a_t, sd_t, h)
-                    else:
-                        h0 = l_s - sch.lam[s_idx - 1]
-                        if k == 2:
-                            x = _multistep_2(x, history[0], history[1], data, a_s, sd_s, a_t,
-                                             sd_t, h, h0)
-                        else:
-                            h1 = sch.lam[s_idx - 1] - sch.lam[s_idx - 2]
-                            x = _multistep_3(x, history, data, a_s, sd_s, a_t, sd_t, h, h0, h1)
-                elif order == 2:
-                    x = _singlestep_2_step(x, m0, model, data, a_s, sd_s, a_t, sd_t, h,
-                                           mids[0], i)
-                else:
-                    x = _singlestep_3(x, m0, model, data, a_s, sd_s, a_t, sd_t, h, mids, i)
-                guard.update(i, x)
-                bar.update(1)
-                if callback is not None:
-                    callback({"step": i, "t": t[t_idx], "x": x})
-            if denoise:
-                x = _denoise(counter, sde, x, eps)
-    finally:
-        bar.close()
-    return SampleResult(x=x, nfe=counter.nfe)
+    name = f"dpm_solver ({algorithm}, order {order})"
+    with Harness(score_fn, sde, shape, name=name, total=num_steps, **harness_options) as run:
+        times, points = _grid(run, num_steps, spacing, eps)
+        if multistep or order == 1:
+            orders = _multistep_orders(num_steps, order, lower_order_final)
+            first_singlestep = order == 3 and warmup == "singlestep"
+            x = _multistep_loop(run, times, points, orders, data, first_singlestep)
+        else:
+            x = _singlestep_loop(run, times, points, order, data)
+        if denoise:
+            x = final_denoise(run, x, eps, num_steps)
+        return run.result(x)
 
 
-def _first_order(x, m0, data, a_s, sd_s, a_t, sd_t, h):
-    """DPM-Solver-1 (DPM-Solver eq. 3.7) / DPM-Solver++(1) (DPM-Solver++ eq. 4.1) from s to t."""
-    if data:
-        return (sd_t / sd_s) * x - (a_t * torch.expm1(-h)) * m0
-    return (a_t / a_s) * x - (sd_t * torch.expm1(h)) * m0
+def _multistep_orders(num_steps: int, order: int, lower_order_final: bool) -> list[int]:
+    """The order of each multistep step: lower while the history fills, and lower at the end
+    of short runs (``lower_order_final``)."""
+    orders = [min(order, i + 1) for i in range(num_steps)]
+    if lower_order_final and num_steps < LOWER_ORDER_FINAL_BELOW:
+        orders = [min(k, num_steps - i) for i, k in enumerate(orders)]
+    return orders
 
 
-def _multistep_2(x, m0, m1, data, a_s, sd_s, a_t, sd_t, h, h0):
-    """Second-order multistep: DPM-Solver++(2M) (DPM-Solver++ Alg. 2, eq. of D_i with
-    r = h_{i-1}/h_i) and the same construction with noise prediction:
-    D = (1 + 1/(2r)) m0 - 1/(2r) m1, i.e. m0 + (m0 - m1) / (2 r)."""
-    r = h0 / h
-    d = m0 + (m0 - m1) / (2.0 * r)
-    if data:
-        return (sd_t / sd_s) * x - (a_t * torch.expm1(-h)) * d
-    return (a_t / a_s) * x - (sd_t * torch.expm1(h)) * d
+def _multistep_loop(run: Harness, times, points, orders, data: bool, first_singlestep: bool):
+    """Multistep DPM-Solver over the grid: one evaluation per step (+ 1 for a single-step
+    second-order first step)."""
+    x, history = run.x, []                         # model outputs at t_i, t_{i-1}, ...
+    for i, k in enumerate(orders):
+        s, t = points[i], points[i + 1]
+        step = ExponentialStep(s, data)
+        history.insert(0, model_output(run.schedule, x, times[i], s, data))
+        del history[3:]
+        if k == 1 and first_singlestep and i == 0:
+            mid_t, mid = run.point_at_lam(s.lam + 0.5 * (t.lam - s.lam))
+            x = singlestep_2(run, x, step, t, history[0], (mid_t, mid), 0.5, data)
+        elif k == 1:
+            x = combine(x, *step.first_order(t), history[:1])
+        elif k == 2:
+            x = combine(x, *step.multistep_2(t, s.lam - points[i - 1].lam), history[:2])
+        else:
+            h0, h1 = s.lam - points[i - 1].lam, points[i - 1].lam - points[i - 2].lam
+            x = combine(x, *step.multistep_3(t, h0, h1), history[:3])
+        run.step(i, x, t, denoised=history[0] if data else None)
+    return x
 
 
-def _multistep_3(x, hist, data, a_s, sd_s, a_t, sd_t, h, h0, h1):
-    """Third-order multistep ("3M", DPM-Solver++ App. B): divided differences of the last
-    three outputs m0, m1, m2 (at lambda_s, lambda_s - h0, lambda_s - h0 - h1), r0 = h0/h,
-    r1 = h1/h:  D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1) ~ h m'(lambda_s),
-    D2 = 2 (D1_0 - D1_1)/(r0 + r1) ~ h^2 m''(lambda_s)  (the official code omits the 2),
-    and the exact integrals of e^{-+(h - tau)} tau^k / k!:
-      data:  x_t = std_t/std_s x - alpha_t phi_1 m0 + alpha_t phi_2 D1 - alpha_t phi_3 D2,
-             phi_1 = expm1(-h), phi_2 = phi_1/h + 1, phi_3 = phi_2/h - 1/2;
-      noise: x_t = alpha_t/alpha_s x - std_t (phi_1 m0 + phi_2 D1 + phi_3 D2),
-             phi_1 = expm1(h), phi_2 = phi_1/h - 1, phi_3 = phi_2/h - 1/2."""
-    m0, m1, m2 = hist[0], hist[1], hist[2]
-    r0, r1 = h0 / h, h1 / h
-    d1_0 = (m0 - m1) / r0
-    d1_1 = (m1 - m2) / r1
-    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-    d2 = 2.0 * (d1_0 - d1_1) / (r0 + r1)
-    if data:
-        phi_1 = torch.expm1(-h)
-        phi_2 = phi_1 / h + 1.0
-        phi_3 = phi_2 / h - 0.5
-        return (sd_t / sd_s) * x - (a_t * phi_1) * m0 + (a_t * phi_2) * d1 - (a_t * phi_3) * d2
-    phi_1 = torch.expm1(h)
-    phi_2 = phi_1 / h - 1.0
-    phi_3 = phi_2 / h - 0.5
-    return (a_t / a_s) * x - (sd_t * phi_1) * m0 - (sd_t * phi_2) * d1 - (sd_t * phi_3) * d2
+def _singlestep_loop(run: Harness, times, points, order: int, data: bool):
+    """Single-step DPM-Solver-2 / -3 over the grid, with the intermediate points at
+    lam_s + r h (r = 1/2, or 1/3 and 2/3) precomputed for every step."""
+    rs = (0.5,) if order == 2 else (1.0 / 3.0, 2.0 / 3.0)
+    lam = torch.tensor([p.lam for p in points], dtype=SCHEDULE_DTYPE)
+    mids = [run.points(run.schedule.t_from_lam(lam[:-1] + r * (lam[1:] - lam[:-1])))
+            for r in rs]
+    x = run.x
+    for i in range(len(points) - 1):
+        s, t = points[i], points[i + 1]
+        step = ExponentialStep(s, data)
+        m0 = model_output(run.schedule, x, times[i], s, data)
+        mid = [(m_times[i], m_points[i]) for m_times, m_points in mids]
+        if order == 2:
+            x = singlestep_2(run, x, step, t, m0, mid[0], rs[0], data)
+        else:
+            x = singlestep_3(run, x, step, t, m0, mid, rs, data)[0]
+        run.step(i, x, t)
+    return x
 
 
-def _singlestep_2_step(x, m0, model, data, a_s, sd_s, a_t, sd_t, h, mid, i):
-    """One single-step second-order step from s to t through lambda_s + h/2 (one evaluation)."""
-    r1 = 0.5
-    u = _first_order(x, m0, data, a_s, sd_s, mid.alpha[i], mid.std[i], r1 * h)
-    m1 = model(u, mid.t[i], mid.alpha[i], mid.std[i])
-    return _singlestep_2(x, m0, m1, data, a_s, sd_s, a_t, sd_t, h, r1)
+def singlestep_2(run: Harness, x, step: ExponentialStep, t: SchedulePoint, m0, mid,
+                  r1: float, data: bool) -> torch.Tensor:
+    """One single-step second-order step from s to t through ``mid`` = (times, point) at
+    lam_s + r1 h (one evaluation)."""
+    mid_t, mid_point = mid
+    u = combine(x, *step.first_order(mid_point), [m0])
+    m1 = model_output(run.schedule, u, mid_t, mid_point, data)
+    return combine(x, *step.singlestep_2(t, r1), [m0, m1])
 
 
-def _singlestep_2(x, m0, m1, data, a_s, sd_s, a_t, sd_t, h, r1):
-    """DPM-Solver-2 (DPM-Solver Alg. 1 with r1; the "DPM-Solver" form) and DPM-Solver++(2S)
-    (DPM-Solver++ Alg. 1): x_t = x_t^(1) - coef / (2 r1) (m1 - m0)."""
-    if data:
-        phi_1 = torch.expm1(-h)
-        return (sd_t / sd_s) * x - (a_t * phi_1) * m0 - (a_t * phi_1 / (2.0 * r1)) * (m1 - m0)
-    phi_1 = torch.expm1(h)
-    return (a_t / a_s) * x - (sd_t * phi_1) * m0 - (sd_t * phi_1 / (2.0 * r1)) * (m1 - m0)
-
-
-def _singlestep_3(x, m0, model, data, a_s, sd_s, a_t, sd_t, h, mids, i):
-    """DPM-Solver-3 (DPM-Solver Alg. 2 / App. A.5, r1 = 1/3, r2 = 2/3) and its data-prediction
-    counterpart (DPM-Solver++ App. A; official ``singlestep_dpm_solver_third_update``)."""
-    r1, r2 = 1.0 / 3.0, 2.0 / 3.0
-    s1, s2 = mids
-    a1, sd1, a2, sd2 = s1.alpha[i], s1.std[i], s2.alpha[i], s2.std[i]
-    if data:
-        phi_11 = torch.expm1(-r1 * h)
-        phi_12 = torch.expm1(-r2 * h)
-        phi_1 = torch.expm1(-h)
-        phi_22 = torch.expm1(-r2 * h) / (r2 * h) + 1.0
-        phi_2 = phi_1 / h + 1.0
-        u1 = (sd1 / sd_s) * x - (a1 * phi_11) * m0
-        m1 = model(u1, s1.t[i], a1, sd1)
-        u2 = (sd2 / sd_s) * x - (a2 * phi_12) * m0 + (r2 / r1 * a2 * phi_22) * (m1 - m0)
-        m2 = model(u2, s2.t[i], a2, sd2)
-        return (sd_t / sd_s) * x - (a_t * phi_1) * m0 + (a_t * phi_2 / r2) * (m2 - m0)
-    phi_11 = torch.expm1(r1 * h)
-    phi_12 = torch.expm1(r2 * h)
-    phi_1 = torch.expm1(h)
-    phi_22 = torch.expm1(r2 * h) / (r2 * h) - 1.0
-    phi_2 = phi_1 / h - 1.0
-    u1 = (a1 / a_s) * x - (sd1 * phi_11) * m0
-    m1 = model(u1, s1.t[i], a1, sd1)
-    u2 = (a2 / a_s) * x - (sd2 * phi_12) * m0 - (r2 / r1 * sd2 * phi_22) * (m1 - m0)
-    m2 = model(u2, s2.t[i], a2, sd2)
-    return (a_t / a_s) * x - (sd_t * phi_1) * m0 - (sd_t * phi_2 / r2) * (m2 - m0)
+def singlestep_3(run: Harness, x, step: ExponentialStep, t: SchedulePoint, m0, mids, rs,
+                 data: bool):
+    """DPM-Solver-3 (DPM-Solver Alg. 2, r1 = 1/3, r2 = 2/3) and its data-prediction form
+    (DPM-Solver++ App. A) from s to t, two evaluations at ``mids`` = [(times, point)] at
+    lam_s + r1 h and lam_s + r2 h. Returns (x_t, m1), m1 for the adaptive solver's
+    second-order estimate."""
+    (t1, p1), (t2, p2) = mids
+    r1, r2 = rs
+    u1 = combine(x, *step.first_order(p1), [m0])
+    m1 = model_output(run.schedule, u1, t1, p1, data)
+    u2 = combine(x, *step.third_intermediate(p2, r1, r2), [m0, m1])
+    m2 = model_output(run.schedule, u2, t2, p2, data)
+    c_x, (c0, _, c2) = step.third_order(t, r2)
+    return combine(x, c_x, [c0, c2], [m0, m2]), m1

@@ -27,9 +27,9 @@ from typing import Callable
 
 import torch
 
-from sde_lib import SDE
+from sde_lib import SDE, check_bool, check_choice, check_int
 
-from .common import CountingScore, check_choice, check_int, progress_bar
+from .harness import CountingScore, check_generator, progress_bar
 from .ode import check_ode_options, integrate, ode_time_grid, probability_flow_velocity
 
 __all__ = ["log_likelihood", "bits_per_dim", "LikelihoodResult", "BitsPerDimResult",
@@ -60,12 +60,6 @@ class BitsPerDimResult:
     logp: torch.Tensor
     z: torch.Tensor
     nfe: int
-
-
-def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"the generator is on {generator.device} but x is on {device}: create "
-                         f"it with torch.Generator(device={str(device)!r})")
 
 
 def _probe_vectors(x: torch.Tensor, trace: str, probes: int, noise: str,
@@ -120,7 +114,8 @@ def log_likelihood(score_fn: Callable, sde: SDE, x: torch.Tensor, *, trace: str 
     check_choice("trace estimator", trace, TRACE_ESTIMATORS)
     check_choice("probe noise", noise, PROBE_NOISES)
     probes = check_int("probes (Hutchinson probe vectors per sample)", probes)
-    num_steps = check_ode_options(sde, method, rtol, atol, eps, num_steps)
+    num_steps = check_ode_options(sde, method=method, rtol=rtol, atol=atol, eps=eps,
+                                  num_steps=num_steps)
     if not torch.is_tensor(x) or x.ndim < 2 or not x.is_floating_point():
         raise ValueError("x must be a floating-point tensor of shape (B, *data_shape), got "
                          f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
@@ -129,7 +124,7 @@ def log_likelihood(score_fn: Callable, sde: SDE, x: torch.Tensor, *, trace: str 
     if trace == "exact" and dim > MAX_EXACT_TRACE_DIM:
         raise ValueError(f"trace='exact' replicates the batch once per dimension; D={dim} > "
                          f"{MAX_EXACT_TRACE_DIM} is too large: use trace='hutchinson'")
-    _check_generator(generator, x.device)
+    check_generator(generator, x.device)
 
     probe = _probe_vectors(x, trace, int(probes), noise, generator)
     replicas = probe.shape[0] // batch
@@ -206,7 +201,7 @@ def bits_per_dim(score_fn: Callable, sde: SDE, images: torch.Tensor, *, centered
     if bool((values < 0).any()) or bool((values > 255).any()):
         raise ValueError(f"images must hold integer values 0..255, got values in "
                          f"[{float(values.min())}, {float(values.max())}]")
-    _check_generator(generator, images.device)
+    check_generator(generator, images.device)
     if dequantize:
         noise = torch.rand(images.shape, generator=generator, dtype=dtype, device=images.device)
     else:

@@ -38,14 +38,13 @@ import torch
 from scipy.integrate import solve_ivp
 from torchdiffeq import odeint
 
-from sde_lib import SCHEDULE_DTYPE, SDE, append_dims
+from sde_lib import SCHEDULE_DTYPE, SDE, check_bool, check_choice, check_int, check_real
 
-from .common import (CountingScore, SampleResult, check_choice, check_eps, check_int, check_real,
-                     initial_state, progress_bar, time_grid)
+from .harness import Harness, SampleResult, check_eps, time_grid
 
-__all__ = ["ode_sample", "probability_flow_velocity", "ODE_METHODS", "ADAPTIVE_METHODS",
-           "FIXED_GRID_METHODS", "SCIPY_METHODS", "DEFAULT_NUM_STEPS", "ode_time_grid",
-           "tweedie_denoise"]
+__all__ = ["ode_sample", "check_ode_options", "probability_flow_velocity", "integrate",
+           "ODE_METHODS", "ADAPTIVE_METHODS", "FIXED_GRID_METHODS", "SCIPY_METHODS",
+           "DEFAULT_NUM_STEPS", "ode_time_grid"]
 
 #: Adaptive Runge-Kutta methods of torchdiffeq (embedded error estimate, rtol / atol).
 ADAPTIVE_METHODS = ("dopri5", "bosh3", "adaptive_heun", "fehlberg2", "dopri8")
@@ -60,8 +59,10 @@ DEFAULT_NUM_STEPS = 100
 
 
 # ----- checks -------------------------------------------------------------------------------
-def check_ode_options(sde: SDE, method: str, rtol, atol, eps, num_steps) -> int | None:
-    """Validate the solver options shared by ode_sample and log_likelihood.
+def check_ode_options(sde: SDE, *, method="dopri5", rtol=1e-5, atol=1e-5, eps=1e-3,
+                      num_steps=None, denoise=None) -> int | None:
+    """Validate the solver options shared by ode_sample and log_likelihood (ValueError
+    naming the option).
 
     Returns the number of steps for a fixed-grid method (default ``DEFAULT_NUM_STEPS``) and
     None for adaptive ones (which take rtol / atol instead and refuse ``num_steps``).
@@ -70,9 +71,10 @@ def check_ode_options(sde: SDE, method: str, rtol, atol, eps, num_steps) -> int 
     check_real("rtol", rtol, strict=True)
     check_real("atol", atol, strict=True)
     check_eps(sde, eps)
+    if denoise is not None:
+        check_bool("denoise", denoise)
     if method in FIXED_GRID_METHODS:
-        num_steps = DEFAULT_NUM_STEPS if num_steps is None else num_steps
-        return check_int("num_steps", num_steps)
+        return check_int("num_steps", DEFAULT_NUM_STEPS if num_steps is None else num_steps)
     if num_steps is not None:
         raise ValueError(f"num_steps applies to the fixed-grid methods "
                          f"({', '.join(FIXED_GRID_METHODS)}); method {method!r} chooses its "
@@ -132,7 +134,7 @@ def _as_tuple(y):
 def ode_time_grid(sde: SDE, num_steps: int, eps: float, *, increasing: bool = False,
                   device=None) -> torch.Tensor:
     """The fixed-grid methods' num_steps + 1 times, uniform in t between T and eps (float64):
-    ``common.time_grid`` (T down to eps), reversed when integrating upwards (likelihoods)."""
+    ``harness.time_grid`` (T down to eps), reversed when integrating upwards (likelihoods)."""
     grid = time_grid(sde, num_steps + 1, eps, device=device)
     return grid.flip(0) if increasing else grid
 
@@ -230,9 +232,7 @@ def _integrate_scipy(evaluate, y0, t_start, t_end, scipy_method, rtol, atol, low
 # ----- the sampler --------------------------------------------------------------------------
 def ode_sample(score_fn: Callable, sde: SDE, shape, *, method: str = "dopri5", rtol: float = 1e-5,
                atol: float = 1e-5, eps: float = 1e-3, num_steps: int | None = None,
-               denoise: bool = False, generator: torch.Generator | None = None, device=None,
-               dtype: torch.dtype | None = None, x_init: torch.Tensor | None = None,
-               progress: bool = False, callback: Callable | None = None) -> SampleResult:
+               denoise: bool = False, **harness_options) -> SampleResult:
     """Sample by integrating the probability-flow ODE (Song et al. 2021, eq. 13) from T to eps.
 
         x_T ~ prior (``sde.prior_sampling``), dx/dt = f(x, t) - g(t)^2 / 2 * score(x, t),
@@ -251,11 +251,8 @@ def ode_sample(score_fn: Callable, sde: SDE, shape, *, method: str = "dopri5", r
         num_steps: steps of the fixed-grid methods, uniform in t (default 100); not allowed
             for the adaptive methods.
         denoise: apply the Tweedie denoising step at eps (one more score evaluation).
-        generator: draws x_T; device / dtype: of x_T (default: the generator's device, CPU,
-            and the default dtype). x_init: start from this x_T (B, ...) instead.
-        progress: show a tqdm bar counting score evaluations.
-        callback: ``callback({"step": k, "t": t, "x": x})`` after every evaluation k of the
-            ODE function (t: 0-d float64 tensor, x: the state it was evaluated at).
+        harness_options: generator, device, dtype, x_init, progress, callback; the callback
+            is called after every evaluation of the ODE function (step = its index).
 
     Returns:
         SampleResult(x, nfe): samples in the state's dtype, and the number of (batched) score
@@ -265,43 +262,27 @@ def ode_sample(score_fn: Callable, sde: SDE, shape, *, method: str = "dopri5", r
         ValueError: unknown method (the message lists the valid ones) or bad options.
         FloatingPointError: the ODE produced non-finite values (the message gives the time).
     """
-    num_steps = check_ode_options(sde, method, rtol, atol, eps, num_steps)
-    x = initial_state(sde, shape, generator=generator, device=device, dtype=dtype, x_init=x_init)
-    counter = CountingScore(score_fn)
-    batch = x.shape[0]
-    T = float(sde.T)
-    grid = None if num_steps is None else ode_time_grid(sde, num_steps, eps, device=x.device)
-    bar = progress_bar(None if num_steps is None else num_steps * FIXED_GRID_METHODS[method],
-                       progress, f"ode_sample ({method})")
-    evaluations = 0
+    num_steps = check_ode_options(sde, method=method, rtol=rtol, atol=atol, eps=eps,
+                                  num_steps=num_steps, denoise=denoise)
+    total = None if num_steps is None else num_steps * FIXED_GRID_METHODS[method]
+    with Harness(score_fn, sde, shape, name=f"ode ({method})", total=total,
+                 **harness_options) as run:
+        grid = None if num_steps is None else ode_time_grid(sde, num_steps, eps,
+                                                            device=run.x.device)
+        evaluations = 0
 
-    def field(y, t64):
-        return probability_flow_velocity(counter, sde, y, t64.expand(batch))
+        def field(y, t64):
+            return probability_flow_velocity(run.counter, sde, y, t64.expand(run.batch))
 
-    def on_eval(t64, y):
-        nonlocal evaluations
-        bar.update(1)
-        if callback is not None:
-            callback({"step": evaluations, "t": t64, "x": y})
-        evaluations += 1
+        def on_eval(t64, y):
+            nonlocal evaluations
+            run.step(evaluations, y, run.schedule.at(t64) if run.callback else None, guard=False)
+            evaluations += 1
 
-    try:
-        with torch.no_grad():
-            x = integrate(field, x, t_start=T, t_end=float(eps), method=method, rtol=rtol,
-                          atol=atol, grid=grid, t_min=float(eps), t_max=T,
-                          on_eval=on_eval, what="ode_sample")
-            if denoise:
-                x = tweedie_denoise(counter, sde, x, eps)
-    finally:
-        bar.close()
-    return SampleResult(x=x, nfe=counter.nfe)
-
-
-def tweedie_denoise(score_fn: Callable, sde: SDE, x: torch.Tensor, t: float) -> torch.Tensor:
-    """E[x_0 | x_t] = (x + std(t)^2 score(x, t)) / alpha(t) (Tweedie's formula; Efron 2011),
-    the last denoising step of the Score SDE samplers. One score evaluation at time t."""
-    t64 = torch.full((x.shape[0],), float(t), dtype=SCHEDULE_DTYPE, device=x.device)
-    alpha, std = sde.marginal_coeffs(t64)
-    score = score_fn(x, t64)
-    x = x + append_dims((std ** 2).to(x.dtype), x.ndim) * score
-    return x / append_dims(alpha.to(x.dtype), x.ndim)
+        x = integrate(field, run.x, t_start=float(sde.T), t_end=float(eps), method=method,
+                      rtol=rtol, atol=atol, grid=grid, t_min=float(eps), t_max=float(sde.T),
+                      on_eval=on_eval, what="ode_sample")
+        if denoise:
+            x = run.schedule.denoise(x, run.schedule.at(
+                torch.tensor(eps, dtype=SCHEDULE_DTYPE, device=x.device)))
+        return run.result(x)

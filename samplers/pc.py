@@ -6,78 +6,105 @@ paired with any corrector. Every update returns ``(x, x_mean)``: the new state a
 noiseless mean, which the final denoising step returns.
 
 The time grid is that of the Score SDE code: t_k = T - k (T - eps) / (N - 1), k = 0..N-1,
-with N = sde.N. The discrete predictors (reverse diffusion, ancestral) step from chain level
-N - 1 - k to the level below, whatever t_k is, so each of the N levels is visited once.
+with N = sde.N, and t_N = 0 after the last step. The discrete predictors (reverse
+diffusion, ancestral) step from chain level N - 1 - k to the level below, whatever t_k is,
+so each of the N levels is visited once. Everything a step needs (times, levels, step
+factors, the ancestral coefficients) is computed before the loop (``PCPlan``).
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from sde_lib import SCHEDULE_DTYPE, SDE, append_dims
+from sde_lib import SDE, append_dims, check_bool, check_choice, check_int, check_real
 
-from .common import (CountingScore, NonFiniteGuard, SampleResult, check_choice, initial_state,
-                     progress_bar, std_normal_like, time_grid)
+from .harness import Harness, SampleResult, Schedule, check_eps, time_grid
 
-__all__ = ["PREDICTORS", "CORRECTORS", "pc_sample", "langevin_step_factor"]
+__all__ = ["PREDICTORS", "CORRECTORS", "pc_sample", "check_pc_options", "PCPlan",
+           "ancestral_coefficients"]
 
 
-class Step:
-    """Where a predictor is: the grid time t (B,), the next grid time t_next (B,; 0 after
-    the last step) and the discrete chain level (B,) long, all on x's device."""
+@dataclass
+class PCPlan:
+    """The precomputed schedule of a PC run, one entry per step k = 0..N-1: the (B,) times
+    t_k and next times t_{k+1} (0 after the last step) on the device, the host points at
+    t_{k+1}, the chain levels N - 1 - k ((B,) long), and the host floats dt_k = t_k - t_{k+1},
+    the Langevin factor alpha_k and std(t_k)."""
+    times: list
+    next_times: list
+    next_points: list
+    levels: list
+    dts: list
+    langevin_factors: list
+    stds: list
+    ancestral: list | None = None
 
-    def __init__(self, t: torch.Tensor, t_next: torch.Tensor, level: torch.Tensor):
-        self.t, self.t_next, self.level = t, t_next, level
+
+def _plan(run: Harness, eps: float) -> PCPlan:
+    sde = run.sde
+    grid = time_grid(sde, sde.N, eps)
+    grid_next = torch.cat([grid[1:], grid.new_zeros(1)])
+    times, points = run.points(grid)
+    next_times, next_points = run.points(grid_next)
+    levels = torch.arange(sde.N - 1, -1, -1, device=run.x.device)
+    return PCPlan(times=times, next_times=next_times, next_points=next_points,
+                  levels=[v.expand(run.batch) for v in levels.unbind()],
+                  dts=(grid - grid_next).tolist(),
+                  langevin_factors=sde.langevin_step_factor(grid).tolist(),
+                  stds=[p.std for p in points])
 
 
 # ----- predictors -------------------------------------------------------------------------
-def euler_maruyama(score, sde: SDE, x, step: Step, generator):
+def euler_maruyama(run: Harness, plan: PCPlan, x, k: int):
     """Euler-Maruyama on the reverse SDE (eq. 6): x <- x - [f - g^2 s] dt + g sqrt(dt) z."""
-    dt = append_dims((step.t - step.t_next).to(x.dtype), x.ndim)          # > 0
-    drift, diffusion = sde.reverse(x, step.t, score(x, step.t))
+    t, dt = plan.times[k], plan.dts[k]
+    drift, diffusion = run.sde.reverse(x, t, run.schedule.score(x, t))
     x_mean = x - drift * dt
-    return x_mean + append_dims(diffusion, x.ndim) * dt.sqrt() * std_normal_like(x, generator), x_mean
+    noise = append_dims(diffusion, x.ndim) * dt ** 0.5
+    return x_mean + noise * run.noise(x), x_mean
 
 
-def reverse_diffusion(score, sde: SDE, x, step: Step, generator):
+def reverse_diffusion(run: Harness, plan: PCPlan, x, k: int):
     """Reverse diffusion (eq. 47): x_{i-1} = x_i - f_i + G_i^2 s + G_i z, with (f_i, G_i) the
     forward chain of ``sde.discretize`` at level i (DDPM for VP, SMLD for VE, Euler-Maruyama
     for sub-VP)."""
-    drift, G = sde.reverse(x, sde.index_time(step.level), score(x, step.t), discrete=True)
+    sde = run.sde
+    drift, G = sde.reverse(x, sde.index_time(plan.levels[k]),
+                           run.schedule.score(x, plan.times[k]), discrete=True)
     x_mean = x - drift
-    return x_mean + append_dims(G, x.ndim) * std_normal_like(x, generator), x_mean
+    return x_mean + append_dims(G, x.ndim) * run.noise(x), x_mean
 
 
-def ancestral_sampling(score, sde: SDE, x, step: Step, generator):
-    """Ancestral sampling: draw x_{i-1} from the chain's posterior q(x_{i-1} | x_i, x0_hat),
-    with x0_hat = (x_i + std_i^2 s) / alpha_i (Tweedie).
-
-    For a chain x_i = a_i x_{i-1} + b_i z with marginals (alpha_i, std_i): mean =
-    alpha_{i-1} b_i^2 / std_i^2 x0_hat + a_i std_{i-1}^2 / std_i^2 x_i and variance
-    std_{i-1}^2 b_i^2 / std_i^2. For VE this is SMLD's ancestral step (Song et al. 2021,
-    eq. 47); for VP the mean is DDPM's (x + beta_i s) / sqrt(1 - beta_i) (Ho et al. 2020,
-    Alg. 2) with DDPM's posterior variance beta~_i.
-    """
-    alpha, std = sde.discrete_marginal_coeffs(step.level)
-    previous = (step.level - 1).clamp(min=0)
-    alpha_prev, std_prev = sde.discrete_marginal_coeffs(previous)
-    first = step.level == 0                              # below level 0 is the clean data
+def ancestral_coefficients(sde: SDE, levels: torch.Tensor):
+    """Per level i of the chain x_i = a_i x_{i-1} + b_i z with marginals (alpha_i, std_i): the
+    posterior q(x_{i-1} | x_i, x_0) = N(c_0 x_0 + c_x x_i, v) with c_0 = alpha_{i-1} b_i^2 /
+    std_i^2, c_x = a_i std_{i-1}^2 / std_i^2, v = std_{i-1}^2 b_i^2 / std_i^2 (level -1 is the
+    data: alpha = 1, std = 0). Returns (alpha_i, std_i, c_0, c_x, sqrt(v)), (n,) float64 each."""
+    alpha, std = sde.discrete_marginal_coeffs(levels)
+    alpha_prev, std_prev = sde.discrete_marginal_coeffs((levels - 1).clamp(min=0))
+    first = levels == 0
     alpha_prev = torch.where(first, torch.ones_like(alpha_prev), alpha_prev)
     std_prev = torch.where(first, torch.zeros_like(std_prev), std_prev)
     a = alpha / alpha_prev
     b2 = std ** 2 - a ** 2 * std_prev ** 2
-    coeff_x0 = alpha_prev * b2 / std ** 2
-    coeff_x = a * std_prev ** 2 / std ** 2
-    noise_std = torch.sqrt(std_prev ** 2 * b2 / std ** 2)
-    cast = lambda v: append_dims(v.to(x.dtype), x.ndim)  # noqa: E731
-    x0_hat = (x + cast(std ** 2) * score(x, step.t)) / cast(alpha)
-    x_mean = cast(coeff_x0) * x0_hat + cast(coeff_x) * x
-    return x_mean + cast(noise_std) * std_normal_like(x, generator), x_mean
+    return (alpha, std, alpha_prev * b2 / std ** 2, a * std_prev ** 2 / std ** 2,
+            torch.sqrt(std_prev ** 2 * b2 / std ** 2))
 
 
-def no_predictor(score, sde, x, step, generator):
+def ancestral_sampling(run: Harness, plan: PCPlan, x, k: int):
+    """Ancestral sampling: draw x_{i-1} from the chain's posterior q(x_{i-1} | x_i, x0_hat)
+    (``ancestral_coefficients``), x0_hat by Tweedie with the chain's alpha_i, std_i. For VE
+    this is SMLD's ancestral step (Song et al. 2021, eq. 47); for VP the mean is DDPM's
+    (x + beta_i s) / sqrt(1 - beta_i) (Ho et al. 2020, Alg. 2) with variance beta~_i."""
+    alpha, std, c_0, c_x, noise_std = plan.ancestral[k]
+    x0_hat = Schedule.tweedie(x, run.schedule.score(x, plan.times[k]), alpha, std)
+    x_mean = x0_hat * c_0 + x * c_x
+    return x_mean + run.noise(x) * noise_std, x_mean
+
+
+def no_predictor(run, plan, x, k):
     return x, x
 
 
@@ -87,56 +114,42 @@ PREDICTORS = {
     "ancestral_sampling": ancestral_sampling,
     "none": no_predictor,
 }
-_DISCRETE_PREDICTORS = ("reverse_diffusion", "ancestral_sampling")
 
 
 # ----- correctors -------------------------------------------------------------------------
-def langevin_step_factor(sde: SDE, t: torch.Tensor) -> torch.Tensor:
-    """The factor alpha_i of Song et al. 2021, Alg. 4-5, for every SDE: the squared signal
-    decay over one chain step, (alpha(t) / alpha(t - T/N))^2. It is ~1 - beta_i for VP and
-    sub-VP (Alg. 5) and exactly 1 for VE (Alg. 4). Returns (B,) float64."""
-    t = t.to(SCHEDULE_DTYPE)
-    alpha, _ = sde.marginal_coeffs(t)
-    alpha_before, _ = sde.marginal_coeffs((t - sde.T / sde.N).clamp(min=0.0))
-    return (alpha / alpha_before) ** 2
-
-
 def _per_sample_norm(v: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape[0], -1).norm(dim=1)
 
 
-def langevin(score, sde: SDE, x, t, *, snr: float, n_steps: int, generator):
+def langevin(run: Harness, plan: PCPlan, x, k: int, *, snr: float, n_steps: int):
     """Langevin corrector with the signal-to-noise step rule (Song et al. 2021, Alg. 4-5):
     eps = 2 alpha_i (snr ||z|| / ||s||)^2;  x <- x + eps s + sqrt(2 eps) z.
     The norms are averaged over the batch, as in the Score SDE code: with per-sample norms a
     sample near a mode centre (score ~ 0) takes a huge step and hops between modes (on the
     2-D mixture test the mode weights are then off by 0.13 in total variation, vs 0.007)."""
-    factor = append_dims(langevin_step_factor(sde, t).to(x.dtype), x.ndim)
     x_mean = x
     for _ in range(n_steps):
-        grad = score(x, t)
-        noise = std_normal_like(x, generator)
+        grad = run.schedule.score(x, plan.times[k])
+        noise = run.noise(x)
         ratio = _per_sample_norm(noise).mean() / _per_sample_norm(grad).mean().clamp(min=1e-30)
-        step_size = 2 * factor * (snr * ratio) ** 2
+        step_size = 2 * plan.langevin_factors[k] * (snr * ratio) ** 2
         x_mean = x + step_size * grad
         x = x_mean + torch.sqrt(2 * step_size) * noise
     return x, x_mean
 
 
-def annealed_langevin(score, sde: SDE, x, t, *, snr: float, n_steps: int, generator):
+def annealed_langevin(run: Harness, plan: PCPlan, x, k: int, *, snr: float, n_steps: int):
     """Annealed Langevin dynamics as a corrector (Song et al. 2021, App. G; NCSN's step
     alpha_i proportional to sigma_i^2): eps = 2 alpha_i (snr std(t))^2."""
-    _, std = sde.marginal_coeffs(t)
-    factor = langevin_step_factor(sde, t)
-    step_size = append_dims((2 * factor * (snr * std) ** 2).to(x.dtype), x.ndim)
+    step_size = 2 * plan.langevin_factors[k] * (snr * plan.stds[k]) ** 2
     x_mean = x
     for _ in range(n_steps):
-        x_mean = x + step_size * score(x, t)
-        x = x_mean + torch.sqrt(2 * step_size) * std_normal_like(x, generator)
+        x_mean = x + step_size * run.schedule.score(x, plan.times[k])
+        x = x_mean + (2 * step_size) ** 0.5 * run.noise(x)
     return x, x_mean
 
 
-def no_corrector(score, sde, x, t, *, snr, n_steps, generator):
+def no_corrector(run, plan, x, k, *, snr, n_steps):
     return x, x
 
 
@@ -148,30 +161,28 @@ CORRECTORS = {
 
 
 # ----- the sampler ------------------------------------------------------------------------
-def _check_pc_arguments(sde: SDE, predictor: str, corrector: str, snr: float, n_steps: int):
+def check_pc_options(sde: SDE, *, predictor="reverse_diffusion", corrector="langevin", snr=0.16,
+                     n_steps=1, denoise=True, eps=1e-3) -> None:
+    """ValueError naming the first bad option of ``pc_sample``."""
     check_choice("predictor", predictor, PREDICTORS)
     check_choice("corrector", corrector, CORRECTORS)
     if predictor == "none" and corrector == "none":
         raise ValueError("predictor and corrector are both 'none': nothing would be sampled")
-    if predictor == "ancestral_sampling":
-        try:
-            sde.discrete_marginal_coeffs(torch.zeros(1, dtype=torch.long))
-        except ValueError:
-            raise ValueError(f"ancestral_sampling needs a discrete chain with closed-form "
-                             f"marginals (VPSDE, VESDE), which {type(sde).__name__} lacks; use "
-                             "predictor='reverse_diffusion' or 'euler_maruyama'") from None
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 0:
-        raise ValueError(f"n_steps (corrector steps per time step) must be an integer >= 0, "
-                         f"got {n_steps!r}")
-    if not (isinstance(snr, (int, float)) and math.isfinite(snr) and snr > 0):
-        raise ValueError(f"snr must be a positive number, got {snr!r}")
+    if predictor == "ancestral_sampling" and not sde.has_discrete_chain:
+        raise ValueError(f"predictor='ancestral_sampling' needs a discrete chain with "
+                         f"closed-form marginals, which {sde!r} lacks; use predictor="
+                         "'reverse_diffusion' or 'euler_maruyama'")
+    check_real("snr", snr, strict=True)
+    check_int("n_steps (corrector steps per time step)", n_steps, 0)
+    check_bool("denoise", denoise)
+    check_eps(sde, eps)
+    if sde.N < 2:
+        raise ValueError(f"pc_sample steps over the SDE's N levels and needs N >= 2; {sde!r}")
 
 
 def pc_sample(score_fn: Callable, sde: SDE, shape, *, predictor: str = "reverse_diffusion",
               corrector: str = "langevin", snr: float = 0.16, n_steps: int = 1,
-              denoise: bool = True, eps: float = 1e-3, generator: torch.Generator | None = None,
-              device=None, dtype: torch.dtype | None = None, x_init: torch.Tensor | None = None,
-              progress: bool = False, callback: Callable | None = None) -> SampleResult:
+              denoise: bool = True, eps: float = 1e-3, **harness_options) -> SampleResult:
     """Predictor-corrector sampler (Song et al. 2021, Alg. 1) over the N = sde.N steps.
 
     Args:
@@ -184,33 +195,22 @@ def pc_sample(score_fn: Callable, sde: SDE, shape, *, predictor: str = "reverse_
         denoise: return the noiseless mean of the last predictor step (the Score SDE code's
             "noise removal"); else the last noisy state.
         eps: the last (smallest) time of the grid.
-        generator: for every random draw (prior and noise); its device is the sampling device.
-        x_init: start from this x_T instead of a prior draw.
-        progress: show a progress bar. callback: called after each time step with
-            dict(step=k, t=t_k (float), x=x, x_mean=x_mean), e.g. to log images.
+        harness_options: generator, device, dtype, x_init, progress, callback (``harness``).
     Returns:
         SampleResult(x (shape,), nfe = number of score evaluations).
     """
-    _check_pc_arguments(sde, predictor, corrector, snr, n_steps)
-    x = initial_state(sde, shape, generator=generator, device=device, dtype=dtype, x_init=x_init)
-    times = time_grid(sde, sde.N, eps, device=x.device) if sde.N >= 2 else None
-    if times is None:
-        raise ValueError("pc_sample needs an SDE with N >= 2 steps")
-    next_times = torch.cat([times[1:], times.new_zeros(1)])
-    levels = torch.arange(sde.N - 1, -1, -1, device=x.device)
-    score = CountingScore(score_fn)
+    check_pc_options(sde, predictor=predictor, corrector=corrector, snr=snr, n_steps=n_steps,
+                     denoise=denoise, eps=eps)
     predict, correct = PREDICTORS[predictor], CORRECTORS[corrector]
-    guard = NonFiniteGuard(times)
-    batch = x.shape[0]
-    x_mean = x
-    with progress_bar(sde.N, progress, f"PC {predictor}/{corrector}") as bar:
+    with Harness(score_fn, sde, shape, name=f"pc {predictor}/{corrector}", total=sde.N,
+                 **harness_options) as run:
+        plan = _plan(run, eps)
+        if predictor == "ancestral_sampling":
+            levels = torch.arange(sde.N - 1, -1, -1)
+            plan.ancestral = list(zip(*(v.tolist() for v in ancestral_coefficients(sde, levels))))
+        x = x_mean = run.x
         for k in range(sde.N):
-            t = times[k].to(x.dtype).expand(batch)
-            x, x_mean = correct(score, sde, x, t, snr=snr, n_steps=n_steps, generator=generator)
-            step = Step(t, next_times[k].to(x.dtype).expand(batch), levels[k].expand(batch))
-            x, x_mean = predict(score, sde, x, step, generator)
-            guard.update(k, x)
-            if callback is not None:
-                callback(dict(step=k, t=times[k].item(), x=x, x_mean=x_mean))
-            bar.update(1)
-    return SampleResult(x_mean if denoise else x, score.nfe)
+            x, x_mean = correct(run, plan, x, k, snr=snr, n_steps=n_steps)
+            x, x_mean = predict(run, plan, x, k)
+            run.step(k, x, plan.next_points[k])
+        return run.result(x_mean if denoise else x)

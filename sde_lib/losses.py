@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from .sdes import SDE
-from .utils import append_dims
+from .utils import append_dims, check_bool, check_real
 
 __all__ = ["dsm_losses", "discrete_dsm_losses", "sample_time", "get_loss_fn"]
 
@@ -32,9 +32,10 @@ def _call_score(score_fn, x, t, class_labels):
     return score_fn(x, t) if class_labels is None else score_fn(x, t, class_labels)
 
 
-def _check_eps(sde: SDE, eps: float) -> None:
-    if not 0.0 < eps < sde.T:
-        raise ValueError(f"eps (smallest training time) must be in (0, {sde.T}), got {eps!r}")
+def _check_eps(sde: SDE, eps) -> None:
+    check_real("eps (the smallest training time)", eps, minimum=0.0, strict=True)
+    if not eps < sde.T:
+        raise ValueError(f"eps (the smallest training time) must be in (0, {sde.T}), got {eps!r}")
 
 
 def sample_time(sde: SDE, batch: int, *, eps: float = 1e-5, importance_sampling: bool = False,
@@ -130,6 +131,10 @@ def get_loss_fn(sde: SDE, *, continuous: bool = True, reduce_mean: bool = False,
     ``continuous=False`` selects the discrete DDPM (VPSDE) or SMLD (VESDE) loss; it has no
     likelihood weighting, and sub-VP has no discrete chain.
     """
+    for name, value in (("continuous", continuous), ("reduce_mean", reduce_mean),
+                        ("likelihood_weighting", likelihood_weighting),
+                        ("importance_sampling", importance_sampling)):
+        check_bool(name, value)
     if continuous:
         _check_eps(sde, eps)
         if importance_sampling and not likelihood_weighting:
@@ -145,7 +150,9 @@ def get_loss_fn(sde: SDE, *, continuous: bool = True, reduce_mean: bool = False,
     if likelihood_weighting or importance_sampling:
         raise ValueError("likelihood_weighting / importance_sampling need continuous=True: the "
                          "discrete DDPM and SMLD losses have fixed weights")
-    sde.discrete_marginal_coeffs(torch.zeros(1, dtype=torch.long))  # raises for sub-VP
+    if not sde.has_discrete_chain:
+        raise ValueError(f"continuous=False (the discrete DDPM / SMLD loss) needs an SDE with a "
+                         f"discrete chain, which {sde!r} lacks; use continuous=True")
 
     def discrete_loss_fn(score_fn, x, *, class_labels=None, generator=None):
         return discrete_dsm_losses(score_fn, sde, x, reduce_mean=reduce_mean,

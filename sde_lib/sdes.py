@@ -20,28 +20,12 @@ from __future__ import annotations
 
 import abc
 import math
-import numbers
 
 import torch
 
-from .utils import SCHEDULE_DTYPE, append_dims, batch_time
+from .utils import SCHEDULE_DTYPE, append_dims, batch_time, check_int, check_real
 
 __all__ = ["SDE", "VPSDE", "subVPSDE", "VESDE", "reverse_drift"]
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_float(name: str, value, *, minimum: float | None = None, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if minimum is not None and (value <= minimum if strict else value < minimum):
-        relation = ">" if strict else ">="
-        raise ValueError(f"{name} must be {relation} {minimum}, got {value!r}")
-    return float(value)
 
 
 def reverse_drift(drift: torch.Tensor, diffusion: torch.Tensor, score: torch.Tensor, *,
@@ -75,9 +59,16 @@ class SDE(abc.ABC):
     T: float = 1.0
     #: Standard deviation of the Gaussian prior N(0, prior_std^2 I) at time T.
     prior_std: float = 1.0
+    #: How a score network is told the noise level, in the Score SDE convention that
+    #: ``models.get_score_fn`` follows: "time" (the network sees t, or the chain level i, and
+    #: predicts the noise) or "sigma" (it sees std(t), or the NCSN label, and outputs the score).
+    network_conditioning: str = "time"
+    #: True when alpha(t) = 1 for every t, i.e. x_t = x_0 + std(t) z: the perturbation is a
+    #: noise level sigma = std(t) alone (VE / NCSN), which annealed Langevin dynamics needs.
+    keeps_data_scale: bool = False
 
     def __init__(self, N: int):
-        self.N = _check_int("N (number of discretization steps, config.sde.num_scales)", N, 1)
+        self.N = check_int("N (the number of discretization steps)", N, 1)
 
     # ----- the schedule -------------------------------------------------------------------
     @abc.abstractmethod
@@ -126,6 +117,24 @@ class SDE(abc.ABC):
         var = self.prior_std ** 2
         sq = z.reshape(z.shape[0], -1).square().sum(dim=1)
         return -0.5 * dim * math.log(2 * math.pi * var) - sq / (2 * var)
+
+    # ----- capabilities -------------------------------------------------------------------
+    @property
+    def has_discrete_chain(self) -> bool:
+        """Whether the SDE has a discrete Markov chain with closed-form marginals
+        (``discrete_marginal_coeffs``: DDPM's for VP, SMLD's for VE), which the discrete
+        losses, discrete score networks and the ancestral predictor need."""
+        return False
+
+    def langevin_step_factor(self, t: torch.Tensor) -> torch.Tensor:
+        """The factor alpha_i of the Langevin corrector (Song et al. 2021, Alg. 4-5): the
+        squared signal decay over one chain step, (alpha(t) / alpha(t - T/N))^2. It is
+        ~1 - beta_i for VP and sub-VP (Alg. 5) and exactly 1 for VE (Alg. 4).
+        t: (B,) times; returns (B,) float64."""
+        t = self._schedule_time(t)
+        alpha, _ = self.marginal_coeffs(t)
+        alpha_before, _ = self.marginal_coeffs((t - self.T / self.N).clamp(min=0.0))
+        return (alpha / alpha_before) ** 2
 
     # ----- the discrete chain -------------------------------------------------------------
     def time_index(self, t: torch.Tensor) -> torch.Tensor:
@@ -196,27 +205,17 @@ class _TableCache:
         return self._tables[key]
 
 
-class VPSDE(SDE):
-    """Variance-preserving SDE, the continuous limit of DDPM (Ho et al. 2020):
-
-        dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw,   beta(t) = beta_min + t (beta_max - beta_min)
-
-    alpha(t) = exp(-B(t)/2), std(t)^2 = 1 - exp(-B(t)) with B(t) = int_0^t beta (Song et al.
-    2021, eq. 29/33). The discrete chain is DDPM's with beta_i = beta(t_i) / N, i = 0..N-1.
-    """
+class _LinearBetaSDE(SDE):
+    """The linear noise rate beta(t) = beta_min + t (beta_max - beta_min) of VP and sub-VP,
+    with B(t) = int_0^t beta and its inverse; subclasses give the diffusion and marginals."""
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
         super().__init__(N)
-        self.beta_min = _check_float("beta_min", beta_min, minimum=0.0)
-        self.beta_max = _check_float("beta_max", beta_max, minimum=0.0, strict=True)
+        self.beta_min = check_real("beta_min", beta_min, minimum=0.0)
+        self.beta_max = check_real("beta_max", beta_max, minimum=0.0, strict=True)
         if self.beta_max < self.beta_min:
             raise ValueError(f"beta_max must be >= beta_min, got beta_min={beta_min}, "
                              f"beta_max={beta_max}")
-        betas = torch.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N,
-                               dtype=SCHEDULE_DTYPE)
-        self.discrete_betas = betas
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        self._tables = _TableCache(betas=betas, alphas_cumprod=self.alphas_cumprod)
 
     def _params(self) -> dict:
         return {"beta_min": self.beta_min, "beta_max": self.beta_max, "N": self.N}
@@ -236,10 +235,36 @@ class VPSDE(SDE):
         denominator = self.beta_min + torch.sqrt(self.beta_min ** 2 + 2 * slope * b)
         return torch.where(b > 0, 2 * b / denominator.clamp(min=1e-300), torch.zeros_like(b))
 
+    def _drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """f(x, t) = -beta(t) x / 2, shared by VP and sub-VP."""
+        return -0.5 * append_dims(self.beta(t).to(x.dtype), x.ndim) * x
+
+
+class VPSDE(_LinearBetaSDE):
+    """Variance-preserving SDE, the continuous limit of DDPM (Ho et al. 2020):
+
+        dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw,   beta(t) = beta_min + t (beta_max - beta_min)
+
+    alpha(t) = exp(-B(t)/2), std(t)^2 = 1 - exp(-B(t)) with B(t) = int_0^t beta (Song et al.
+    2021, eq. 29/33). The discrete chain is DDPM's with beta_i = beta(t_i) / N, i = 0..N-1.
+    """
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
+        super().__init__(beta_min, beta_max, N)
+        betas = torch.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N,
+                               dtype=SCHEDULE_DTYPE)
+        self.discrete_betas = betas
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self._tables = _TableCache(betas=betas, alphas_cumprod=self.alphas_cumprod)
+
+    @property
+    def has_discrete_chain(self) -> bool:
+        """DDPM's chain exists while its largest beta, beta_max / N, is below 1."""
+        return self.beta_max / self.N < 1.0
+
     def sde(self, x, t):
         t = batch_time(t, x)
-        beta = self.beta(t).to(x.dtype)
-        return -0.5 * append_dims(beta, x.ndim) * x, torch.sqrt(beta)
+        return self._drift(x, t), torch.sqrt(self.beta(t)).to(x.dtype)
 
     def marginal_coeffs(self, t):
         b = self.integrated_beta(t)
@@ -255,7 +280,7 @@ class VPSDE(SDE):
         return self._time_from_integrated_beta(torch.logaddexp(torch.zeros_like(lam), -lam))
 
     def _check_ddpm_chain(self) -> None:
-        if self.beta_max / self.N >= 1.0:
+        if not self.has_discrete_chain:
             raise ValueError(f"{self!r}: the DDPM chain's largest beta, beta_max / N = "
                              f"{self.beta_max / self.N:.3g}, must be < 1; use N > beta_max or a "
                              "continuous sampler / loss")
@@ -274,21 +299,19 @@ class VPSDE(SDE):
         return f, torch.sqrt(beta).to(x.dtype)
 
 
-class subVPSDE(VPSDE):
+class subVPSDE(_LinearBetaSDE):
     """Sub-VP SDE (Song et al. 2021, eq. 34): the VP drift with a smaller diffusion,
 
         dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - exp(-2 B(t)))) dw,
 
     whose kernel has alpha(t) = exp(-B/2) and std(t) = 1 - exp(-B), below the VP std.
-    It has no special chain: ``discretize`` is the Euler-Maruyama step.
+    It has no special chain: ``discretize`` is the Euler-Maruyama step of ``SDE``.
     """
 
     def sde(self, x, t):
         t = batch_time(t, x)
-        beta = self.beta(t)
-        drift = -0.5 * append_dims(beta.to(x.dtype), x.ndim) * x
-        diffusion = torch.sqrt(beta * -torch.expm1(-2.0 * self.integrated_beta(t)))
-        return drift, diffusion.to(x.dtype)
+        diffusion = torch.sqrt(self.beta(t) * -torch.expm1(-2.0 * self.integrated_beta(t)))
+        return self._drift(x, t), diffusion.to(x.dtype)
 
     def marginal_coeffs(self, t):
         b = self.integrated_beta(t)
@@ -305,12 +328,6 @@ class subVPSDE(VPSDE):
         b = torch.log1p(0.5 * (c + torch.sqrt(c * (c + 4.0))))
         return self._time_from_integrated_beta(b)
 
-    def discrete_marginal_coeffs(self, i):
-        return SDE.discrete_marginal_coeffs(self, i)
-
-    def discretize(self, x, t):
-        return SDE.discretize(self, x, t)
-
 
 class VESDE(SDE):
     """Variance-exploding SDE, the continuous limit of NCSN/SMLD (Song & Ermon 2019):
@@ -324,10 +341,13 @@ class VESDE(SDE):
     G_i = sqrt(sigma_i^2 - sigma_{i-1}^2) and sigma_0 := 0.
     """
 
+    network_conditioning = "sigma"
+    keeps_data_scale = True
+
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
         super().__init__(N)
-        self.sigma_min = _check_float("sigma_min", sigma_min, minimum=0.0, strict=True)
-        self.sigma_max = _check_float("sigma_max", sigma_max, minimum=0.0, strict=True)
+        self.sigma_min = check_real("sigma_min", sigma_min, minimum=0.0, strict=True)
+        self.sigma_max = check_real("sigma_max", sigma_max, minimum=0.0, strict=True)
         if self.sigma_min >= self.sigma_max:
             raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={sigma_min}, "
                              f"sigma_max={sigma_max}")
@@ -340,6 +360,10 @@ class VESDE(SDE):
 
     def _params(self) -> dict:
         return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "N": self.N}
+
+    @property
+    def has_discrete_chain(self) -> bool:
+        return True
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """sigma(t) = sigma_min (sigma_max / sigma_min)^t, float64."""

@@ -1,9 +1,15 @@
-"""Small tensor helpers shared by sde_lib, models and samplers."""
+"""Small helpers shared by sde_lib, models, samplers and run_lib: broadcasting of per-sample
+scalars, the schedule dtype, and the one set of argument checks (each raises a ValueError
+that names the argument and what it must be)."""
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 
-__all__ = ["append_dims", "batch_time", "SCHEDULE_DTYPE"]
+__all__ = ["append_dims", "batch_time", "SCHEDULE_DTYPE", "check_int", "check_real",
+           "check_choice", "check_bool"]
 
 #: Noise schedules are evaluated in this dtype and cast to the data's dtype at use.
 SCHEDULE_DTYPE = torch.float64
@@ -44,3 +50,45 @@ def batch_time(t, x: torch.Tensor) -> torch.Tensor:
     if t.device != x.device:
         raise ValueError(f"time t is on {t.device} but x is on {x.device}: move them to one device")
     return t
+
+
+# ----- argument checks ----------------------------------------------------------------------
+def check_int(name: str, value, minimum: int = 1, maximum: int | None = None) -> int:
+    """``value`` as an int, or a ValueError when it is not an integer in [minimum, maximum]
+    (bools are refused)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum
+            or (maximum is not None and value > maximum)):
+        bound = f" and <= {maximum}" if maximum is not None else ""
+        raise ValueError(f"{name} must be an integer >= {minimum}{bound}, got {value!r}")
+    return int(value)
+
+
+def check_real(name: str, value, *, minimum: float | None = 0.0, strict: bool = False,
+               maximum: float | None = None, allow_inf: bool = False) -> float:
+    """``value`` as a float, or a ValueError when it is not a real number >= ``minimum``
+    (> with ``strict``; no lower bound when None), <= ``maximum`` if given, finite unless
+    ``allow_inf`` (bools and NaN are refused)."""
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and not math.isnan(value)
+          and (allow_inf or math.isfinite(value))
+          and (minimum is None or (value > minimum if strict else value >= minimum))
+          and (maximum is None or value <= maximum))
+    if not ok:
+        low = "" if minimum is None else f" {'>' if strict else '>='} {minimum}"
+        high = f"{' and' if low else ''} <= {maximum}" if maximum is not None else ""
+        raise ValueError(f"{name} must be a {'' if allow_inf else 'finite '}number"
+                         f"{low}{high}, got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value, valid) -> str:
+    """``value`` if it is one of ``valid``, else a ValueError listing the valid names."""
+    if not isinstance(value, str) or value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid {name}s: {', '.join(valid)}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` if it is a bool (numbers and strings are refused), else a ValueError."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value

@@ -1,0 +1,174 @@
+"""The one place that reads a config: it builds the SDE, the network, the score function, the
+loss and the sampler call from the groups of an ml_collections config. sde_lib, models and
+samplers take plain arguments only.
+
+    sde = compose.build_sde(config)                  # config.sde
+    model = compose.build_model(config)              # config.model (+ config.data's shape)
+    score_fn = compose.build_score_fn(config, sde, model)
+    loss_fn = compose.build_loss_fn(config, sde)     # config.training
+    result = compose.sample(config, score_fn, sde, shape, method="pc", generator=g)
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+
+import models
+import samplers
+import sde_lib
+
+__all__ = ["build_sde", "build_model", "build_score_fn", "build_loss_fn", "data_shape",
+           "sampler_options", "sample", "MODEL_ARGUMENTS"]
+
+
+def _group(config, name: str):
+    try:
+        return config[name]
+    except (KeyError, AttributeError, TypeError):
+        raise ValueError(f"the config has no '{name}' group; add config.{name}") from None
+
+
+# ----------------------------------------------------------------------------- the SDE
+
+#: config.sde keys -> keyword of the SDE class, per SDE name (num_scales is N for all).
+SDE_KEYS = {"vpsde": ("beta_min", "beta_max"), "subvpsde": ("beta_min", "beta_max"),
+            "vesde": ("sigma_min", "sigma_max")}
+
+
+def build_sde(config) -> sde_lib.SDE:
+    """The SDE named by config.sde.name (vpsde, subvpsde, vesde) with its parameters
+    (beta_min/beta_max or sigma_min/sigma_max, num_scales = N); missing ones take the
+    class defaults."""
+    group = _group(config, "sde")
+    name = str(group.get("name", "")).lower()
+    sde_lib.check_choice("config.sde.name", name, sde_lib.SDES)
+    kwargs = {key: group[key] for key in SDE_KEYS[name] if key in group}
+    if "num_scales" in group:
+        kwargs["N"] = group["num_scales"]
+    return sde_lib.build_sde(name, **kwargs)
+
+
+def build_loss_fn(config, sde: sde_lib.SDE):
+    """``sde_lib.get_loss_fn`` with config.training's continuous, reduce_mean,
+    likelihood_weighting, importance_sampling and eps."""
+    training = _group(config, "training")
+    options = {key: training[key] for key in
+               ("continuous", "reduce_mean", "likelihood_weighting", "importance_sampling", "eps")
+               if key in training}
+    return sde_lib.get_loss_fn(sde, **options)
+
+
+# ----------------------------------------------------------------------------- the network
+
+def data_shape(config) -> tuple[int, ...]:
+    """Shape of one sample: (dim,) for flat data (config.data.dim), else
+    (num_channels, image_size, image_size)."""
+    data = _group(config, "data")
+    if "dim" in data and data.dim:
+        return (int(data.dim),)
+    return (int(data.num_channels), int(data.image_size), int(data.image_size))
+
+
+def _num_classes(config):
+    return config.model.get("num_classes") or None
+
+
+def _mlp_arguments(config) -> dict:
+    m = config.model
+    return dict(data_shape=data_shape(config), hidden_dim=m.hidden_dim, num_blocks=m.num_blocks,
+                embedding_type=m.embedding_type, embedding_dim=m.embedding_dim,
+                fourier_scale=m.fourier_scale, num_classes=_num_classes(config))
+
+
+def _ddpm_arguments(config) -> dict:
+    m, d = config.model, config.data
+    return dict(nf=m.nf, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+                attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
+                resamp_with_conv=m.resamp_with_conv, conditional=m.conditional,
+                image_size=d.image_size, num_channels=d.num_channels,
+                num_classes=_num_classes(config))
+
+
+def _ncsnpp_arguments(config) -> dict:
+    """NCSN++ / DDPM++ from the official Score SDE config names (configs/*/cifar10_ncsnpp*)."""
+    m = config.model
+    return dict(_ddpm_arguments(config), fir=m.fir, fir_kernel=tuple(m.fir_kernel),
+                skip_rescale=m.skip_rescale, resblock_type=m.resblock_type,
+                progressive=m.progressive, progressive_input=m.progressive_input,
+                progressive_combine=m.progressive_combine,
+                attention_type=m.get("attention_type", "ddpm"), init_scale=m.init_scale,
+                embedding_type=m.embedding_type, fourier_scale=m.fourier_scale,
+                conv_size=m.get("conv_size", 3))
+
+
+def _refinenet_arguments(config) -> dict:
+    """NCSN / NCSNv2 keywords, official Score SDE key names (configs/ve/ncsn*/...)."""
+    m, d = config.model, config.data
+    return dict(nf=m.nf, normalization=m.get("normalization", "InstanceNorm++"),
+                nonlinearity=m.get("nonlinearity", "elu"),
+                interpolation=m.get("interpolation", "bilinear"), image_size=d.image_size,
+                num_channels=d.num_channels, num_classes=_num_classes(config))
+
+
+def _ncsn_arguments(config) -> dict:
+    """The label embedding has one row per noise level: config.sde.num_scales."""
+    return dict(_refinenet_arguments(config), num_scales=int(config.sde.num_scales))
+
+
+def _ncsnv2_arguments(config, variant=None) -> dict:
+    """variant: 'ncsnv2_64' / '_128' / '_256', or None to pick it from the image size."""
+    return dict(_refinenet_arguments(config), variant=variant or config.model.get("variant"))
+
+
+#: config.model.name -> (models.MODELS name, function config -> the network's keywords).
+MODEL_ARGUMENTS = {
+    "mlp": ("mlp", _mlp_arguments),
+    "ddpm": ("ddpm", _ddpm_arguments),
+    "ncsnpp": ("ncsnpp", _ncsnpp_arguments),
+    "ncsn": ("ncsn", _ncsn_arguments),
+    "ncsnv2": ("ncsnv2", _ncsnv2_arguments),
+    # the official registry's names, which fix the variant
+    "ncsnv2_64": ("ncsnv2", partial(_ncsnv2_arguments, variant="ncsnv2_64")),
+    "ncsnv2_128": ("ncsnv2", partial(_ncsnv2_arguments, variant="ncsnv2_128")),
+    "ncsnv2_256": ("ncsnv2", partial(_ncsnv2_arguments, variant="ncsnv2_256")),
+}
+
+
+def build_model(config) -> torch.nn.Module:
+    """The network named by config.model.name, built from explicit keyword arguments."""
+    name = str(_group(config, "model").get("name", ""))
+    sde_lib.check_choice("config.model.name", name, MODEL_ARGUMENTS)
+    model_name, arguments_of = MODEL_ARGUMENTS[name]
+    return models.build_model(model_name, **arguments_of(config))
+
+
+def build_score_fn(config, sde: sde_lib.SDE, model) -> Callable:
+    """``models.get_score_fn`` with config.training.continuous, config.model.scale_by_sigma
+    and, for images kept in [0, 1] (config.data.centered False), center_input."""
+    return models.get_score_fn(sde, model, continuous=config.training.get("continuous", True),
+                               scale_by_sigma=bool(config.model.get("scale_by_sigma", False)),
+                               center_input=not bool(config.data.get("centered", True)))
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+def sampler_options(config, method: str | None = None) -> tuple[str, dict]:
+    """(name, options) of the sampler ``method`` (default config.sampling.method): its option
+    group config.sampling.<name> as a plain dict."""
+    sampling = _group(config, "sampling")
+    name = method or sampling.method
+    sde_lib.check_choice("sampler", name, samplers.SAMPLERS)
+    group = sampling.get(name)
+    return name, ({} if group is None else dict(group.to_dict() if hasattr(group, "to_dict")
+                                                 else group))
+
+
+def sample(config, score_fn: Callable, sde: sde_lib.SDE, shape, *, method: str | None = None,
+           **harness_options) -> samplers.SampleResult:
+    """Sample with the sampler ``method`` (default config.sampling.method) and its options
+    from config.sampling.<method>; ``harness_options`` are generator, device, dtype, x_init,
+    progress and callback."""
+    name, options = sampler_options(config, method)
+    return samplers.SAMPLERS[name].fn(score_fn, sde, shape, **options, **harness_options)
