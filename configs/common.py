@@ -1,6 +1,8 @@
 """Config groups shared by every data set's default; each default overrides what differs."""
 import ml_collections
 
+import samplers
+
 
 def sde_group(*, sigma_max: float) -> ml_collections.ConfigDict:
     """VP by default; beta_* for VP / sub-VP, sigma_* for VE (sigma_max ~ the largest distance
@@ -30,32 +32,17 @@ def optim_group(*, warmup: int) -> ml_collections.ConfigDict:
 
 
 def sampling_group(*, num_samples: int) -> ml_collections.ConfigDict:
-    """Options of every sampler of samplers.sample_from_config (main.py --sampler)."""
+    """The samplers' options, one group per entry of the registry samplers.SAMPLERS with its
+    defaults (``config.sampling.pc.snr``, ``config.sampling.dpm_solver.order``, ...), the
+    default sampler ``method`` (main.py --sampler overrides it) and how many samples to draw.
+    An option whose default is None (ode.num_steps) is a typed placeholder."""
     sampling = ml_collections.ConfigDict()
-    sampling.method = "pc"          # pc | ald | ode | ddim | dpm_solver | edm | dpm_adaptive
+    sampling.method = "pc"
     sampling.num_samples = num_samples
-    sampling.predictor = "reverse_diffusion"
-    sampling.corrector = "langevin"
-    sampling.snr = 0.16
-    sampling.n_steps_each = 1       # corrector steps per time step (pc); Langevin steps per level (ald)
-    sampling.step_lr = 2e-5         # ald step size at sigma_min
-    sampling.noise_removal = True   # final denoising step
-    sampling.eps = 1e-3             # last time of the pc and ode samplers
-    sampling.ode_method = "dopri5"
-    sampling.rtol = 1e-5
-    sampling.atol = 1e-5
-    sampling.num_steps = 20         # ddim, dpm_solver
-    sampling.spacing = "logsnr"     # logsnr | uniform | karras
-    sampling.eta = 0.0              # ddim: 0 deterministic, 1 ancestral
-    sampling.order = 2              # dpm_solver: 1, 2, 3
-    sampling.multistep = True
-    sampling.algorithm = "dpmsolver++"   # also dpm_adaptive (order 2 or 3)
-    sampling.adaptive_rtol = 0.05    # dpm_adaptive: DPM-Solver's defaults (Lu et al. 2022, App. C),
-    sampling.adaptive_atol = 0.0078  # not the ode sampler's 1e-5 (atol ~ 1/128 for data in [-1, 1])
-    sampling.edm_spacing = "karras"  # edm: sigma schedule (Karras et al. 2022 eq. 5 with rho)
-    sampling.rho = 7.0
-    sampling.s_churn = 0.0           # edm: 0 deterministic Heun; > 0 stochastic churn
-    sampling.s_tmin = 0.0            # edm: churn only for sigma in [s_tmin, s_tmax]
-    sampling.s_tmax = float("inf")
-    sampling.s_noise = 1.0
+    for name, sampler in samplers.SAMPLERS.items():
+        group = ml_collections.ConfigDict()
+        for key, value in sampler.defaults.items():
+            group[key] = (ml_collections.config_dict.placeholder(sampler.option_type(key))
+                          if value is None else value)
+        sampling[name] = group
     return sampling

@@ -27,8 +27,8 @@ def get_config():
     config.training.continuous = False
     config.training.n_iters = 200_001
     config.sampling.method = "ald"
-    config.sampling.n_steps_each = 100
-    config.sampling.step_lr = 2e-5
+    config.sampling.ald.n_steps_each = 100
+    config.sampling.ald.step_lr = 2e-5
     ncsn_model(config.model, name="ncsn", scale_by_sigma=False, ema_rate=0.0)
     config.optim.lr = 1e-3
     config.optim.warmup = 0

@@ -12,8 +12,8 @@ def get_config():
     config.sde.num_scales = 10
     config.training.continuous = False
     config.sampling.method = "ald"
-    config.sampling.n_steps_each = 100
-    config.sampling.step_lr = 2e-5
+    config.sampling.ald.n_steps_each = 100
+    config.sampling.ald.step_lr = 2e-5
     ncsn_model(config.model, name="ncsn", scale_by_sigma=False, ema_rate=0.999)
     config.model.nf = 16
     return config

@@ -9,8 +9,8 @@ def get_config(deep: bool = False):
     config.sde.name = "vesde"
     config.training.continuous = True
     config.sampling.method = "pc"
-    config.sampling.predictor = "reverse_diffusion"
-    config.sampling.corrector = "langevin"
+    config.sampling.pc.predictor = "reverse_diffusion"
+    config.sampling.pc.corrector = "langevin"
     ncsnpp_model(config.model, num_res_blocks=8 if deep else 4, fir=True,
                  progressive_input="residual", embedding_type="fourier", scale_by_sigma=True,
                  ema_rate=0.999)

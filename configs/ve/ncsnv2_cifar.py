@@ -18,9 +18,9 @@ def get_config():
     config.training.continuous = False
     config.training.n_iters = 300_001
     config.sampling.method = "ald"
-    config.sampling.n_steps_each = 5
-    config.sampling.step_lr = 6.2e-6
-    config.sampling.noise_removal = True
+    config.sampling.ald.n_steps_each = 5
+    config.sampling.ald.step_lr = 6.2e-6
+    config.sampling.ald.denoise = True
     ncsn_model(config.model, name="ncsnv2", scale_by_sigma=True, ema_rate=0.999)
     config.optim.lr = 1e-4
     config.optim.warmup = 0

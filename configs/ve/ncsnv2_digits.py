@@ -12,8 +12,8 @@ def get_config():
     config.sde.num_scales = 100
     config.training.continuous = False
     config.sampling.method = "ald"
-    config.sampling.n_steps_each = 5
-    config.sampling.step_lr = 6.2e-6
+    config.sampling.ald.n_steps_each = 5
+    config.sampling.ald.step_lr = 6.2e-6
     ncsn_model(config.model, name="ncsnv2", scale_by_sigma=True, ema_rate=0.999)
     config.model.nf = 16
     return config

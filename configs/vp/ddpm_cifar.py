@@ -12,8 +12,8 @@ def get_config():
     config.training.continuous = False
     config.training.reduce_mean = True
     config.sampling.method = "pc"
-    config.sampling.predictor = "ancestral_sampling"
-    config.sampling.corrector = "none"
+    config.sampling.pc.predictor = "ancestral_sampling"
+    config.sampling.pc.corrector = "none"
     model = config.model
     model.name = "ddpm"
     model.scale_by_sigma = False

@@ -11,8 +11,8 @@ def get_config(deep: bool = False, sde: str = "vpsde"):
     config.training.continuous = True
     config.training.reduce_mean = True
     config.sampling.method = "pc"
-    config.sampling.predictor = "euler_maruyama"
-    config.sampling.corrector = "none"
+    config.sampling.pc.predictor = "euler_maruyama"
+    config.sampling.pc.corrector = "none"
     ncsnpp_model(config.model, num_res_blocks=8 if deep else 4, fir=False,
                  progressive_input="none", embedding_type="positional", scale_by_sigma=False,
                  ema_rate=0.9999)
