@@ -1,21 +1,19 @@
-"""Command-line entry point: one function per mode.
+"""Command-line entry point: one function per mode, the same for every data set.
 
     python main.py --mode train      --config configs/toy/vp_mixture.py --workdir runs/toy_vp
     python main.py --mode sample     --config configs/toy/vp_mixture.py --workdir runs/toy_vp --sampler ode
     python main.py --mode likelihood --config configs/toy/vp_mixture.py --workdir runs/toy_vp
     python main.py --mode train      --config configs/vp/ddpm_digits.py --workdir runs/digits_vp
-
     python main.py --mode sample     --config configs/vp/ddpm_digits.py --workdir runs/digits_vp --sampler pc
     python main.py --mode likelihood --config configs/vp/ddpm_digits.py --workdir runs/digits_vp
     python main.py --mode compare    --workdir runs/digits_vp,runs/digits_ve
     python main.py --mode demo       --workdir runs/digits   # train VP + VE, sample, bits/dim, table
 
-Image configs (config.data.name in digits, cifar10, mnist, folder) train with
-run_lib.train.train (resuming from <workdir>/checkpoints/latest.pt), sample and compute
-bits/dim of the test split with the EMA weights (run_lib.evaluate). --mode compare prints
-one table of several work directories (comma-separated --workdir; no --config needed).
-
-Any config value can be overridden, e.g. --config.training.n_iters=500.
+train: run_lib.train.train (resuming from <workdir>/checkpoints/latest.pt); sample and
+likelihood: run_lib.evaluate with the EMA weights (bits/dim for images, nats next to the true
+NLL for the toy mixtures); compare: one table of several work directories (comma-separated
+--workdir; no --config needed). Any config value can be overridden, e.g.
+--config.training.n_iters=500.
 """
 from __future__ import annotations
 
@@ -26,6 +24,8 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+import samplers
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
@@ -39,53 +39,62 @@ flags.DEFINE_enum("mode", "train", ["train", "sample", "likelihood", "compare", 
 flags.DEFINE_integer("demo_steps", 1500, "Training steps of each --mode demo model.")
 flags.DEFINE_string("workdir", None, "Work directory for config, logs, weights and results "
                     "(--mode compare: a comma-separated list).")
-flags.DEFINE_enum("sampler", None, ["pc", "ald", "ode", "ddim", "dpm_solver", "edm",
-                                       "dpm_adaptive"],
+flags.DEFINE_enum("sampler", None, list(samplers.SAMPLERS),
                   "Sampler of --mode sample (default: config.sampling.method).")
 flags.DEFINE_string("checkpoint", None, "--mode sample / likelihood: a checkpoint file instead "
                     "of <workdir>/checkpoints/latest.pt: ours, or one of the official Score SDE "
                     "code (e.g. a published checkpoint_26.pth; converted on load).")
 flags.mark_flags_as_required(["workdir"])
 
-#: config.data.name values trained by run_lib.train.train (the rest are toy distributions).
-IMAGE_DATASETS = ("digits", "cifar10", "mnist", "folder")
+
+def _config():
+    """The --config, or a usage error naming an example."""
+    if FLAGS.config is None:
+        raise app.UsageError(f"--mode {FLAGS.mode} needs --config (e.g. configs/vp/ddpm_digits.py)")
+    return FLAGS.config
+
+
+def run_train() -> dict | None:
+    """Train (or resume); under torchrun only rank 0 reports."""
+    from run_lib.train import train
+    metrics = train(_config(), FLAGS.workdir)
+    metrics.pop("losses")
+    return metrics if int(os.environ.get("RANK", "0")) == 0 else None
+
+
+def run_sample() -> dict:
+    from run_lib import evaluate
+    return evaluate.sample(_config(), FLAGS.workdir, method=FLAGS.sampler,
+                           checkpoint=FLAGS.checkpoint)
+
+
+def run_likelihood() -> dict:
+    from run_lib import evaluate
+    return evaluate.likelihood(_config(), FLAGS.workdir, checkpoint=FLAGS.checkpoint)
+
+
+def run_compare() -> str:
+    from run_lib.evaluate import compare_workdirs
+    return compare_workdirs([w for w in FLAGS.workdir.split(",") if w])
+
+
+def run_demo() -> str:
+    from run_lib.demo import run_demo as demo
+    return demo(FLAGS.workdir, n_iters=FLAGS.demo_steps)
+
+
+MODES = {"train": run_train, "sample": run_sample, "likelihood": run_likelihood,
+         "compare": run_compare, "demo": run_demo}
 
 
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if FLAGS.mode == "demo":
-        from run_lib.demo import run_demo
-        print(run_demo(FLAGS.workdir, n_iters=FLAGS.demo_steps))
-        return
-    if FLAGS.mode == "compare":
-        from run_lib.evaluate import compare_workdirs
-        print(compare_workdirs([w for w in FLAGS.workdir.split(",") if w]))
-        return
-    config = FLAGS.config
-    if config is None:
-        raise app.UsageError(f"--mode {FLAGS.mode} needs --config (e.g. configs/vp/ddpm_digits.py)")
-    import run_lib
-    if config.data.name in IMAGE_DATASETS:
-        from run_lib import evaluate
-        if FLAGS.mode == "train":
-            from run_lib.train import train
-            metrics = train(config, FLAGS.workdir)
-            metrics.pop("losses")
-            if int(os.environ.get("RANK", "0")) != 0:   # torchrun: rank 0 reports
-                return
-        elif FLAGS.mode == "sample":
-            metrics = evaluate.sample_images(config, FLAGS.workdir, method=FLAGS.sampler,
-                                             checkpoint=FLAGS.checkpoint)
-        else:
-            metrics = evaluate.likelihood_images(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint)
-    elif FLAGS.mode == "train":
-        metrics = run_lib.train_toy(config, FLAGS.workdir)
-    elif FLAGS.mode == "sample":
-        metrics = run_lib.sample_toy(config, FLAGS.workdir, method=FLAGS.sampler)
-    else:
-        metrics = run_lib.likelihood_toy(config, FLAGS.workdir)
-    print(json.dumps(metrics, indent=2))
+    result = MODES[FLAGS.mode]()
+    if isinstance(result, str):
+        print(result)
+    elif result is not None:
+        print(json.dumps(result, indent=2))
 
 
 #: Errors that mean bad input (a missing file or checkpoint, a wrong config value, an unknown

@@ -33,6 +33,7 @@ def get_default_configs():
     model.scale_by_sigma = False
     model.num_classes = 0           # > 0: class-conditional (labels of the data set)
     model.ema_rate = 0.9999
+    model.ema_warmup = False        # the papers' plain EMA (runs of 1.3M steps)
     model.dropout = 0.1
 
     config.training = training = training_group(n_iters=1_300_001, batch_size=128, log_freq=50)
@@ -52,6 +53,7 @@ def get_default_configs():
     evaluate.ode_method = "dopri5"
     evaluate.rtol = 1e-5
     evaluate.atol = 1e-5
+    evaluate.num_steps = ml_collections.config_dict.placeholder(int)  # fixed-grid methods; None: the solver's default
     return config
 
 

@@ -1,4 +1,6 @@
-"""Shared default for the 2-D toy data (a Gaussian mixture with a closed-form score)."""
+"""Shared default for the 2-D toy data (a Gaussian mixture with a closed-form score), trained
+by the same loop as images (run_lib.train): the data set is run_lib.datasets.MixtureDataset,
+whose closed-form density adds exact evaluations (score error, true NLL, mode weights)."""
 import ml_collections
 
 from configs.common import optim_group, sampling_group, sde_group, training_group
@@ -12,6 +14,8 @@ def get_default_configs():
     config.data = data = ml_collections.ConfigDict()
     data.name = "eight_modes"       # one of sde_lib.TOY_DISTRIBUTIONS
     data.dim = 2
+    data.train_size = 50_000        # points drawn from the mixture (fixed seeds) per split
+    data.test_size = 5_000
 
     config.sde = sde_group(sigma_max=5.0)   # ~ the largest distance between two data points
 
@@ -24,16 +28,30 @@ def get_default_configs():
     model.fourier_scale = 1.0      # log sigma spans ~6 units on this data; 16 (NCSN++) trains slower
     model.scale_by_sigma = False
     model.num_classes = 0
+    model.ema_rate = 0.999
+    model.ema_warmup = True         # decay min(ema_rate, (1 + n) / (10 + n)): suits short runs
 
-    config.training = training_group(n_iters=2000, batch_size=512, log_freq=200)
+    config.training = training = training_group(n_iters=2000, batch_size=512, log_freq=200)
+    training.snapshot_freq = 1000               # checkpoints/checkpoint_<step>.pt
+    training.snapshot_freq_for_preemption = 500  # checkpoints/latest.pt (resume point)
+    training.eval_freq = 500        # EMA test loss and relative score error
+    training.eval_batches = 4       # 4 x 512 test points
+    training.sample_freq = 2000     # scatter plot of the EMA weights' samples
+    training.num_grid_samples = 1024
     config.optim = optim_group(warmup=100)
     config.sampling = sampling_group(num_samples=4096)
+    config.sampling.batch_size = 0  # samples per sampler call (0: all at once)
 
     config.eval = evaluate = ml_collections.ConfigDict()
-    evaluate.num_samples = 8192     # samples for the score error against the exact score
-    evaluate.eps = 1e-3             # smallest time of the score error
-    evaluate.likelihood_samples = 1024
-    evaluate.likelihood_eps = 1e-5  # the ODE starts at eps; logp is that of p_eps
-    evaluate.trace = "exact"        # exact | hutchinson
+    evaluate.score_error_samples = 8192  # draws of the relative score error (training evals)
+    evaluate.score_error_eps = 1e-3      # smallest time of the score error
+    evaluate.likelihood_samples = 1024   # test points for the ODE likelihood (0: all)
+    evaluate.batch_size = 0              # points per ODE solve (0: all at once)
+    evaluate.likelihood_eps = 1e-5       # the ODE starts at eps; logp is that of p_eps
+    evaluate.trace = "exact"             # exact | hutchinson
     evaluate.probes = 1
+    evaluate.ode_method = "dopri5"
+    evaluate.rtol = 1e-5
+    evaluate.atol = 1e-5
+    evaluate.num_steps = ml_collections.config_dict.placeholder(int)  # fixed-grid methods; None: the solver's default
     return config

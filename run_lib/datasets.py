@@ -1,4 +1,5 @@
-"""Image data sets for training and evaluation: readers, scaling and a shardable batch iterator.
+"""Data sets for training and evaluation: image readers, 2-D toy mixtures, scaling and a
+shardable batch iterator.
 
 Every reader returns ``(images, labels)``: ``images`` a uint8 numpy array (N, C, H, W) with
 values 0..255, ``labels`` an int64 array (N,). ``build_dataset(config, split)`` turns the
@@ -20,6 +21,16 @@ Data sets (``config.data.name``):
 - ``folder``: PNG/JPEG images under ``config.data.data_dir`` (``<data_dir>/<split>/`` when
   that folder exists), resized and center-cropped to ``image_size``; labels from the first
   level of subfolders (sorted), 0 when the images lie directly in the folder.
+- the toy distributions of ``sde_lib.TOY_DISTRIBUTIONS`` (``eight_modes``, ``spread_gaussian``):
+  ``MixtureDataset``, config.data.train_size / test_size points (float32 (N, D)) drawn from
+  the closed-form mixture with fixed seeds (the same split on every machine); labels are
+  the mixture components.
+
+Every data set has the same interface for the training loop: ``len(dataset)``,
+``dataset.batches(batch_size, shuffle=, seed=, epoch=, rank=, world_size=)`` yielding
+float32 ``(x, labels)``, and ``dataset.density``: the closed-form density
+(``sde_lib.GaussianMixture``) when there is one, which adds exact evaluations
+(run_lib.exact), else None.
 """
 from __future__ import annotations
 
@@ -37,9 +48,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["DATASETS", "ImageDataset", "build_dataset", "load_digits_images", "load_cifar10",
-           "load_mnist", "load_image_folder", "read_idx", "restricted_loads", "preprocess",
-           "shard_indices", "CIFAR10_URL", "CIFAR10_MD5"]
+import sde_lib
+
+__all__ = ["DATASETS", "ImageDataset", "MixtureDataset", "build_dataset", "dataset_names",
+           "load_digits_images", "load_cifar10", "load_mnist", "load_image_folder", "read_idx",
+           "restricted_loads", "preprocess", "shard_indices", "CIFAR10_URL", "CIFAR10_MD5"]
 
 SPLITS = ("train", "test")
 
@@ -362,6 +375,7 @@ class ImageDataset(torch.utils.data.Dataset):
                              f"{tuple(self.images.shape)} and {tuple(self.labels.shape)}")
         self.centered, self.random_flip, self.dequantize = centered, random_flip, dequantize
         self.name = name
+        self.density = None     # no closed-form density
 
     def __len__(self) -> int:
         return len(self.images)
@@ -413,13 +427,84 @@ DATASETS = {
 }
 
 
-def build_dataset(config, split: str = "train") -> ImageDataset:
-    """The ImageDataset of ``config.data`` (name, data_dir, image_size, num_channels,
-    centered, random_flip (None: the data set's default), dequantize, download)."""
+class MixtureDataset(torch.utils.data.Dataset):
+    """``num_points`` float32 points (N, *density.event_shape) drawn from the closed-form
+    ``density`` (a sde_lib.GaussianMixture) with a CPU generator seeded by ``seed``;
+    ``labels`` (N,) are the components the points were drawn from.
+
+    ``batches(...)`` has the signature of ``ImageDataset.batches`` (no scaling: the points
+    are the data). ``density`` gives the exact evaluations of run_lib.exact.
+    """
+
+    def __init__(self, density: sde_lib.GaussianMixture, num_points: int, *, seed: int,
+                 name: str = "mixture"):
+        if num_points < 1:
+            raise ValueError(f"a mixture data set needs at least one point, got {num_points}")
+        self.density, self.name = density, name
+        self.points, self.labels = density.sample(
+            num_points, generator=torch.Generator().manual_seed(seed), dtype=torch.float32,
+            return_components=True)
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __getitem__(self, index):
+        return self.points[index], self.labels[index]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.points.shape[1:])
+
+    def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
+                rank: int = 0, world_size: int = 1, drop_last: bool = True, device=None):
+        """One epoch of (x (B, D) float32, labels (B,)) batches of this rank's shard (see
+        ``shard_indices``); the order depends on (seed, epoch) only."""
+        indices = shard_indices(len(self), shuffle=shuffle, seed=seed, epoch=epoch,
+                                rank=rank, world_size=world_size)
+        stop = len(indices) - len(indices) % batch_size if drop_last else len(indices)
+        for start in range(0, stop, batch_size):
+            index = indices[start:start + batch_size]
+            x = self.points[index]
+            yield x.to(device) if device is not None else x, self.labels[index]
+
+
+#: Seeds of the draws of a mixture's splits (fixed: the same data on every machine).
+MIXTURE_SPLIT_SEEDS = {"train": 0, "test": 1}
+
+
+def _build_mixture(config, split: str) -> MixtureDataset:
+    """The MixtureDataset of the toy distribution config.data.name with
+    config.data.train_size / test_size points; config.data.dim must match its dimension."""
+    data = config.data
+    density = sde_lib.toy_distribution(data.name)
+    if tuple(density.event_shape) != (int(data.dim),):
+        raise ValueError(f"config.data.dim={data.dim} but {data.name} has points of shape "
+                         f"{tuple(density.event_shape)}; set config.data.dim={density.dim}")
+    size = int(data[f"{split}_size"])
+    if size < 1:
+        raise ValueError(f"config.data.{split}_size={size}: the {split} split needs at least "
+                         "one point; use e.g. 50000 (train) / 5000 (test)")
+    return MixtureDataset(density, size, seed=MIXTURE_SPLIT_SEEDS[split], name=data.name)
+
+
+def dataset_names() -> list[str]:
+    """Every valid config.data.name: the image data sets and the toy distributions."""
+    return list(DATASETS) + list(sde_lib.TOY_DISTRIBUTIONS)
+
+
+def build_dataset(config, split: str = "train"):
+    """The data set of ``config.data`` for ``split`` (train | test): a MixtureDataset for a
+    toy distribution (name, dim, train_size, test_size), else an ImageDataset (name,
+    data_dir, image_size, num_channels, centered, random_flip (None: the data set's
+    default), dequantize, download)."""
+    _check_split(split)
     data = config.data
     name = data.name
+    if name in sde_lib.TOY_DISTRIBUTIONS:
+        return _build_mixture(config, split)
     if name not in DATASETS:
-        raise ValueError(f"unknown config.data.name={name!r}; valid names: {', '.join(DATASETS)}")
+        raise ValueError(f"unknown config.data.name={name!r}; valid names: "
+                         f"{', '.join(dataset_names())}")
     if name in NATIVE_SHAPE:
         expected = NATIVE_SHAPE[name]
         if (data.num_channels, data.image_size, data.image_size) != expected:

@@ -11,7 +11,7 @@ import importlib
 import logging
 from pathlib import Path
 
-from .evaluate import compare_workdirs, likelihood_images, sample_images
+from . import evaluate
 from .train import train
 
 __all__ = ["DEMO_RUNS", "demo_config", "run_demo"]
@@ -54,14 +54,14 @@ def run_demo(root, *, n_iters: int = 1500, samplers=("pc", "ode"), progress: boo
         log.info("demo: training %s (%s, %d steps) in %s", name, DEMO_RUNS[name], n_iters, workdir)
         train(config, workdir, progress=progress)
         for method in samplers:
-            metrics = sample_images(config, workdir, method=method, progress=progress)
+            metrics = evaluate.sample(config, workdir, method=method, progress=progress)
             log.info("demo: %s %s: NFE %d, %.1f s, pixel FD %.4f", name, method, metrics["nfe"],
                      metrics["seconds"], metrics.get("pixel_fd_to_test", float("nan")))
-        metrics = likelihood_images(config, workdir, progress=progress)
+        metrics = evaluate.likelihood(config, workdir, progress=progress)
         log.info("demo: %s: %.3f +- %.3f bits/dim (Gaussian fit %.3f)", name,
                  metrics["bits_per_dim"], metrics["bits_per_dim_standard_error"],
                  metrics["gaussian_fit_bits_per_dim"])
         workdirs.append(workdir)
-    table = compare_workdirs(workdirs)
+    table = evaluate.compare_workdirs(workdirs)
     (root / "comparison.md").write_text(table + "\n")
     return table

@@ -1,10 +1,17 @@
-"""Sample and likelihood modes of image runs, and the table that compares work directories.
+"""Sample and likelihood modes of every run (toy mixtures and images alike), and the table
+that compares work directories.
 
-    load_score_fn(config, workdir, device)   -> the EMA weights of checkpoints/latest.pt as a score_fn
-    sample_images(config, workdir)           -> samples_<method>.{png,npz,json} + TensorBoard grid
-    likelihood_images(config, workdir)       -> likelihood.json: bits/dim of the test split
+    load_score_fn(config, workdir, device)   -> the EMA weights of the newest checkpoint as a score_fn
+    sample(config, workdir)                  -> samples_<method>.{npz,png,json} + TensorBoard
+    likelihood(config, workdir)              -> likelihood.json: bits/dim of 8-bit images, or
+                                                nats next to the true NLL (closed-form data)
     gaussian_fit_bpd(config)                 -> the bits/dim of a full-covariance Gaussian (baseline)
     compare_workdirs(workdirs)               -> one markdown table (SDE, model, NFE, bits/dim, ...)
+
+Both modes write the resolved config.json first, so a work directory used only with
+--checkpoint can join --mode compare. Sample mode writes the samples before it computes any
+metric; a metric that needs data that is absent (a CIFAR-10 archive not downloaded) is
+skipped with a note in the JSON.
 """
 from __future__ import annotations
 
@@ -20,16 +27,18 @@ import torch
 
 import models
 import samplers
-import sde_lib
-from samplers.common import check_choice
+from samplers.harness import progress_bar
 from samplers.metrics import frechet_distance
 
+from . import compose, exact
+from .checkpoints import checkpoint_dir, load_latest, read_checkpoint
 from .datasets import build_dataset, preprocess
-from .images import make_grid, save_png, to_uint8
-from .utils import pick_device
+from .images import picture, save_png, to_uint8
+from .utils import pick_device, write_config
 
-__all__ = ["load_score_fn", "sample_images", "likelihood_images", "gaussian_fit", "gaussian_fit_bpd",
-           "compare_workdirs", "LoadedRun"]
+__all__ = ["load_score_fn", "sample", "likelihood", "draw_samples", "save_samples",
+           "sample_quality", "gaussian_fit", "gaussian_fit_bpd", "compare_workdirs",
+           "LoadedRun", "balanced_labels", "with_class_labels"]
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +46,17 @@ log = logging.getLogger(__name__)
 #: 28x28 MNIST); CIFAR-10's 3072 needs far more samples than a quick run draws.
 MAX_PIXEL_FD_DIM = 1024
 
+#: Seed offsets (config.seed + offset) of the samples, the true draws they are compared
+#: with, and the likelihood's dequantization / probe noise.
+SAMPLE_SEED, TRUTH_SEED, LIKELIHOOD_SEED = 10, 11, 12
+
+#: What a checkpoint needs for sampling: ours, or the official Score SDE code's.
+SAMPLING_KEYS = ("model", "ema", "step")
+
 
 class LoadedRun:
-    """A trained image run: the network with the EMA weights in eval mode, its score_fn,
-    the SDE, the checkpoint's step and, for class-conditional models, the class count."""
+    """A trained run: the network with the EMA weights in eval mode, its score_fn, the SDE,
+    the checkpoint's step and, for class-conditional models, the class count."""
 
     def __init__(self, model, score_fn, sde, step: int, num_classes: int):
         self.model, self.score_fn, self.sde = model, score_fn, sde
@@ -71,106 +87,182 @@ def is_score_sde_checkpoint(state: dict) -> bool:
     return isinstance(state.get("ema"), dict) and "shadow_params" in state["ema"]
 
 
+def _read_run_checkpoint(workdir, device, checkpoint: str | None) -> tuple[dict, Path]:
+    """The checkpoint named by --checkpoint, or the newest loadable one of ``workdir``."""
+    if checkpoint:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {path}: pass an existing file to "
+                                    "--checkpoint")
+        return read_checkpoint(path, device, required=SAMPLING_KEYS), path
+    folder = checkpoint_dir(workdir)
+    state, path = load_latest(folder, device, required=SAMPLING_KEYS)
+    if state is None:
+        raise FileNotFoundError(f"no checkpoint at {folder / 'latest.pt'}: run --mode train "
+                                "with this --config and --workdir first (or pass --checkpoint)")
+    return state, path
+
+
+def _load_weights(model, state: dict, config, use_ema: bool) -> None:
+    if is_score_sde_checkpoint(state):
+        models.load_state_dict_strict(model, models.convert_score_sde_state_dict(state, ema=use_ema))
+        return
+    models.load_state_dict_strict(model, state["model"])
+    if use_ema:
+        ema = models.ExponentialMovingAverage(model, decay=float(config.model.ema_rate))
+        ema.load_state_dict(state["ema"])
+        ema.copy_to(model)
+
+
 def load_score_fn(config, workdir, device, *, checkpoint: str | None = None,
                   use_ema: bool = True) -> LoadedRun:
-    """The run of ``workdir`` (checkpoints/latest.pt, or ``checkpoint``) with its EMA weights.
+    """The run of ``workdir`` (checkpoints/latest.pt, or when that cannot be read the newest
+    loadable checkpoint_<step>.pt, with a warning; or the file ``checkpoint``) with its EMA
+    weights (``use_ema``) in eval mode.
 
     ``checkpoint`` may also be a checkpoint of the official Score SDE PyTorch code (e.g. a
     published checkpoint_<k>.pth): it is converted with models.convert_score_sde_state_dict.
-    The file is read with weights_only=True and loaded strictly; a checkpoint of another
-    model raises a one-line ValueError naming the first mismatching key.
+    Files are read with weights_only=True and loaded strictly; a checkpoint of another model
+    raises a one-line ValueError naming the first mismatching key.
     """
-    path = Path(checkpoint) if checkpoint else Path(workdir) / "checkpoints" / "latest.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}: run --mode train with this --config "
-                                "and --workdir first (or pass --checkpoint)")
-    state = torch.load(path, map_location=device, weights_only=True)
-    model = models.build_model(config).to(device)
+    state, path = _read_run_checkpoint(workdir, device, checkpoint)
+    model = compose.build_model(config).to(device)
     try:
-        if is_score_sde_checkpoint(state):
-            models.load_state_dict_strict(model, models.convert_score_sde_state_dict(state, ema=use_ema))
-        else:
-            models.load_state_dict_strict(model, state["model"])
-            if use_ema:
-                ema = models.ExponentialMovingAverage(model, decay=config.model.ema_rate)
-                ema.load_state_dict(state["ema"])
-                ema.copy_to(model)
+        _load_weights(model, state, config, use_ema)
     except (ValueError, KeyError, RuntimeError) as error:
         raise ValueError(f"{path} does not match this config's model (config.model.name="
                          f"{config.model.name!r}): {error}") from error
     model.eval()
-    sde = sde_lib.build_sde(config)
-    score_fn = models.build_score_fn(config, sde, model)
-    return LoadedRun(model, score_fn, sde, int(state["step"]), int(config.model.get("num_classes") or 0))
+    sde = compose.build_sde(config)
+    score_fn = compose.build_score_fn(config, sde, model)
+    return LoadedRun(model, score_fn, sde, int(state["step"]),
+                     int(config.model.get("num_classes") or 0))
 
 
-def _pixel_fd(samples_uint8: torch.Tensor, reference_uint8: torch.Tensor) -> float | None:
-    """Frechet distance between two image sets in pixel space, pixels in [0, 1]."""
-    if samples_uint8[0].numel() > MAX_PIXEL_FD_DIM:
-        return None
-    return float(frechet_distance(samples_uint8.double() / 255, reference_uint8.double() / 255))
+# ----------------------------------------------------------------------------- sample mode
 
-
-@torch.no_grad()
-def sample_images(config, workdir, *, method: str | None = None, progress: bool = True,
-                  checkpoint: str | None = None) -> dict:
-    """Sample ``config.sampling.num_samples`` images from the EMA weights of ``workdir``.
-
-    Writes samples_<method>.npz (uint8 images (N, C, H, W) and, for conditional runs, labels),
-    samples_<method>.png (a grid of the first 100, pixels enlarged for small images),
-    the grid to TensorBoard (samples/<method>) and samples_<method>.json: sampler, NFE,
-    seconds, images/s and, for small images, the pixel Frechet distance of the samples to the
-    test split next to that of the training split to the test split (the floor).
-    Seeded by config.seed: the same config gives the same samples on the CPU.
-    ``checkpoint``: another checkpoint file than workdir/checkpoints/latest.pt (ours or a
-    published Score SDE one, see ``load_score_fn``).
-    """
-    workdir = Path(workdir)
-    device = pick_device(config.get("device", "auto"))
-    method = method or config.sampling.method
-    check_choice("sampler", method, samplers.SAMPLERS)
-    run = load_score_fn(config, workdir, device, checkpoint=checkpoint)
-    workdir.mkdir(parents=True, exist_ok=True)
+def draw_samples(config, run: LoadedRun, method: str, *, device, progress: bool = True):
+    """config.sampling.num_samples samples in model space, (N, *data_shape) on the CPU, in
+    calls of config.sampling.batch_size (0: all at once) from a generator seeded with
+    config.seed + 10. Returns (x, labels (N,) or None, metrics: sampler, step, num_samples,
+    nfe (per call), seconds, samples_per_s, nonfinite_fraction)."""
     n = int(config.sampling.num_samples)
     batch_size = int(config.sampling.get("batch_size", 0) or n)
-    shape = models.data_shape(config)
-    generator = torch.Generator(device=device).manual_seed(int(config.seed) + 10)
-    labels = balanced_labels(n, run.num_classes, device)   # one per image, across batches
-    batches, nfe, nonfinite = [], 0, 0
+    shape = compose.data_shape(config)
+    generator = torch.Generator(device=device).manual_seed(int(config.seed) + SAMPLE_SEED)
+    labels = balanced_labels(n, run.num_classes, device)   # one per sample, across calls
+    parts, nfe = [], 0
     start = time.perf_counter()
     for first in range(0, n, batch_size):
         size = min(batch_size, n - first)
-        batch_labels = None if labels is None else labels[first:first + size]
-        result = samplers.sample_from_config(config.sampling, run.score_for_labels(batch_labels), run.sde,
-                                             (size, *shape), generator=generator, device=device,
-                                             progress=progress, method=method)
-        nonfinite += int((~torch.isfinite(result.x.flatten(1))).any(dim=1).sum())
-        batches.append(to_uint8(result.x, centered=bool(config.data.centered)))
-        nfe = max(nfe, result.nfe)
-    if device.type == "cuda":
+        score_fn = run.score_for_labels(None if labels is None else labels[first:first + size])
+        result = compose.sample(config, score_fn, run.sde, (size, *shape), method=method,
+                                generator=generator, device=device, progress=progress)
+        parts.append(result.x.detach().cpu())
+        nfe = max(nfe, int(result.nfe))
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    images = torch.cat(batches)
+    x = torch.cat(parts)
+    nonfinite = (~torch.isfinite(x.reshape(n, -1))).any(dim=1).double().mean().item()
     metrics = {"sampler": method, "step": run.step, "num_samples": n, "nfe": nfe,
-               "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 2),
-               "nonfinite_fraction": nonfinite / n}
-    test = build_dataset(config, "test").images
-    fd = _pixel_fd(images, test)
-    if fd is not None:
-        metrics["pixel_fd_to_test"] = fd
-        metrics["pixel_fd_train_to_test"] = _pixel_fd(build_dataset(config, "train").images, test)
-    arrays = {"images": images.numpy()}
+               "seconds": round(seconds, 3), "samples_per_s": round(n / seconds, 2),
+               "nonfinite_fraction": nonfinite}
+    return x, labels, metrics
+
+
+def save_samples(config, workdir, method: str, x: torch.Tensor, labels, *, step: int) -> None:
+    """samples_<method>.npz (uint8 ``images`` (N, C, H, W), or float32 ``samples`` (N, D) for
+    flat data; ``labels`` for class-conditional runs), samples_<method>.png (a grid of the
+    first 100 images at >= 64 px, or a scatter plot) and the picture in TensorBoard."""
+    workdir = Path(workdir)
+    centered = bool(config.data.get("centered", True))
+    arrays = ({"images": to_uint8(x, centered=centered).numpy()} if x.ndim == 4
+              else {"samples": x.float().numpy()})
     if labels is not None:
         arrays["labels"] = labels.cpu().numpy()
     np.savez_compressed(workdir / f"samples_{method}.npz", **arrays)
-    upscale = max(1, 64 // shape[-1])
-    grid = make_grid(images[:100], upscale=upscale, padding=max(1, upscale // 2))
-    save_png(grid, workdir / f"samples_{method}.png")
+    image = picture(x, centered=centered, max_images=100, min_pixels=64)
+    save_png(image, workdir / f"samples_{method}.png")
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(str(workdir / "tensorboard")) as writer:
-        writer.add_image(f"samples/{method}", grid, run.step, dataformats="HWC")
+        writer.add_image(f"samples/{method}", image, step, dataformats="HWC")
+
+
+def _pixel_fd(samples_uint8: torch.Tensor, reference_uint8: torch.Tensor) -> float:
+    """Frechet distance between two image sets in pixel space, pixels in [0, 1]."""
+    return float(frechet_distance(samples_uint8.double() / 255, reference_uint8.double() / 255))
+
+
+def sample_quality(config, x: torch.Tensor) -> dict:
+    """Metrics of samples x (model space) against the data: for a closed-form density the
+    exact ones (run_lib.exact.sample_metrics); for small images (<= 1024 pixels) the pixel
+    Frechet distance to the test split next to that of the training split (the floor).
+    A metric that cannot be computed is listed under "skipped" with the reason."""
+    if x.ndim == 4 and x[0].numel() > MAX_PIXEL_FD_DIM:
+        return {"skipped": {"pixel_fd_to_test": f"images of {x[0].numel()} values; pixel FD "
+                            f"is computed up to {MAX_PIXEL_FD_DIM}"}}
+    try:
+        test = build_dataset(config, "test")
+        if test.density is not None:
+            return exact.sample_metrics(test.density, x, seed=int(config.seed) + TRUTH_SEED)
+        train = build_dataset(config, "train")
+    except FileNotFoundError as error:
+        return {"skipped": {"sample_quality": f"data not found: {error}"}}
+    images = to_uint8(x, centered=bool(config.data.centered))
+    return {"pixel_fd_to_test": _pixel_fd(images, test.images),
+            "pixel_fd_train_to_test": _pixel_fd(train.images, test.images)}
+
+
+@torch.no_grad()
+def sample(config, workdir, *, method: str | None = None, progress: bool = True,
+           checkpoint: str | None = None) -> dict:
+    """Sample the EMA weights of ``workdir`` (or ``checkpoint``) with ``method`` (default
+    config.sampling.method) and its options config.sampling.<method>.
+
+    Writes config.json, then the samples (``save_samples``), then samples_<method>.json:
+    ``draw_samples``' metrics and ``sample_quality``'s. Seeded by config.seed: the same
+    config gives the same samples on the CPU."""
+    workdir = Path(workdir)
+    device = pick_device(config.get("device", "auto"))
+    method, _ = compose.sampler_options(config, method)
+    write_config(config, workdir)
+    run = load_score_fn(config, workdir, device, checkpoint=checkpoint)
+    x, labels, metrics = draw_samples(config, run, method, device=device, progress=progress)
+    save_samples(config, workdir, method, x, labels, step=run.step)
+    metrics.update(sample_quality(config, x))
     (workdir / f"samples_{method}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+# ----------------------------------------------------------------------------- likelihood
+
+def ode_options(config) -> dict:
+    """Options of samplers.log_likelihood from config.eval: trace, probes, ode_method,
+    rtol, atol, likelihood_eps and num_steps (fixed-grid methods; None: the solver's
+    default)."""
+    ev = config.eval
+    num_steps = ev.get("num_steps")
+    return dict(trace=str(ev.trace), probes=int(ev.probes), method=str(ev.ode_method),
+                rtol=float(ev.rtol), atol=float(ev.atol), eps=float(ev.likelihood_eps),
+                num_steps=None if num_steps is None else int(num_steps))
+
+
+def _in_batches(config, items: torch.Tensor, labels, compute, *, progress: bool):
+    """[compute(batch, batch_labels) for each batch of config.eval.batch_size (0: one batch)
+    of ``items``] and the seconds it took, with a progress bar over the batches."""
+    batch_size = int(config.eval.get("batch_size", 0) or len(items))
+    starts = range(0, len(items), batch_size)
+    bar = progress_bar(len(starts), progress, "likelihood", unit="batch")
+    results, start = [], time.perf_counter()
+    try:
+        for first in starts:
+            part = slice(first, first + batch_size)
+            results.append(compute(items[part], None if labels is None else labels[part]))
+            bar.update(1)
+    finally:
+        bar.close()
+    return results, time.perf_counter() - start
 
 
 def _mean_and_standard_error(values: torch.Tensor) -> tuple[float, float]:
@@ -179,52 +271,78 @@ def _mean_and_standard_error(values: torch.Tensor) -> tuple[float, float]:
     return values.mean().item(), (values.std().item() / math.sqrt(n)) if n > 1 else float("nan")
 
 
-def likelihood_images(config, workdir, *, progress: bool = True,
-                      checkpoint: str | None = None) -> dict:
-    """Bits/dim of the test split through the probability-flow ODE with the EMA weights.
+def _image_likelihood(config, run: LoadedRun, test, device, progress: bool) -> dict:
+    """Bits/dim of the first config.eval.likelihood_samples (0: all) test images, uniformly
+    dequantized, with the Gaussian fit's bits/dim as the baseline."""
+    count = int(config.eval.likelihood_samples) or len(test)
+    images, labels = test.images[:count].to(device), test.labels[:count].to(device)
+    generator = torch.Generator(device=device).manual_seed(int(config.seed) + LIKELIHOOD_SEED)
+    options = ode_options(config)
 
-    Uses the first config.eval.likelihood_samples test images (0: all), in batches of
-    config.eval.batch_size, uniformly dequantized (samplers.bits_per_dim), with
-    config.eval.{trace, probes, rtol, atol, likelihood_eps, ode_method}. Writes
-    likelihood.json: mean bits/dim with its standard error over images, NFE per batch,
-    seconds, and the bits/dim of a full-covariance Gaussian fitted to the training images
-    (``gaussian_fit_bpd``), the baseline a score model has to beat.
-    """
+    def compute(batch, cond):
+        result = samplers.bits_per_dim(
+            run.score_for_labels(cond if run.num_classes else None), run.sde, batch,
+            centered=bool(config.data.centered), dequantize=True, generator=generator,
+            progress=progress, **options)
+        log.info("likelihood batch: %.4f bits/dim (NFE %d)", result.bpd.mean().item(), result.nfe)
+        return result.bpd.double().cpu(), int(result.nfe)
+
+    results, seconds = _in_batches(config, images, labels, compute, progress=progress)
+    bpd, se = _mean_and_standard_error(torch.cat([r[0] for r in results]))
+    return {"num_images": len(images), "bits_per_dim": bpd, "bits_per_dim_standard_error": se,
+            "nfe_per_batch": [r[1] for r in results], "seconds": round(seconds, 3),
+            "gaussian_fit_bits_per_dim": gaussian_fit_bpd(config, num_images=len(images))}
+
+
+def _exact_likelihood(config, run: LoadedRun, test, device, progress: bool) -> dict:
+    """NLL in nats of the first config.eval.likelihood_samples (0: all) test points through
+    the ODE, next to the true NLL of the same points under p_eps (eps =
+    config.eval.likelihood_eps) and the mean absolute error per point."""
+    count = int(config.eval.likelihood_samples) or len(test)
+    points, labels = test.points[:count].to(device), test.labels[:count].to(device)
+    generator = torch.Generator(device=device).manual_seed(int(config.seed) + LIKELIHOOD_SEED)
+    options = ode_options(config)
+
+    def compute(batch, cond):
+        result = samplers.log_likelihood(run.score_for_labels(cond if run.num_classes else None),
+                                         run.sde, batch, generator=generator,
+                                         progress=progress, **options)
+        return result.logp.double().cpu(), int(result.nfe)
+
+    results, seconds = _in_batches(config, points, labels, compute, progress=progress)
+    logp = torch.cat([r[0] for r in results])
+    true = exact.true_log_prob(test.density, run.sde, points, options["eps"])
+    nll, se = _mean_and_standard_error(-logp)
+    return {"num_points": len(points), "nll_nats": nll, "nll_standard_error": se,
+            "true_nll_nats": -true.mean().item(),
+            "mean_abs_error_nats": (logp - true).abs().mean().item(),
+            "nfe_per_batch": [r[1] for r in results], "seconds": round(seconds, 3)}
+
+
+def likelihood(config, workdir, *, progress: bool = True, checkpoint: str | None = None) -> dict:
+    """Log-likelihood of the test split through the probability-flow ODE with the EMA
+    weights, with config.eval's options (``ode_options``), in batches of
+    config.eval.batch_size. Writes config.json, then likelihood.json: bits/dim with its
+    standard error and the Gaussian-fit baseline for 8-bit images; NLL in nats next to the
+    true NLL for data with a closed-form density; NFE per batch, seconds, the settings."""
     workdir = Path(workdir)
     device = pick_device(config.get("device", "auto"))
+    write_config(config, workdir)
     run = load_score_fn(config, workdir, device, checkpoint=checkpoint)
-    workdir.mkdir(parents=True, exist_ok=True)
-    ev = config.eval
     test = build_dataset(config, "test")
-    count = int(ev.likelihood_samples) or len(test)
-    images, labels = test.images[:count], test.labels[:count]
-    batch_size = int(ev.get("batch_size", 0) or count)
-    generator = torch.Generator(device=device).manual_seed(int(config.seed) + 12)
-    bpds, nfes = [], []
-    start = time.perf_counter()
-    for first in range(0, len(images), batch_size):
-        batch = images[first:first + batch_size].to(device)
-        cond = labels[first:first + batch_size].to(device) if run.num_classes else None
-        result = samplers.bits_per_dim(
-            run.score_for_labels(cond), run.sde, batch, centered=bool(config.data.centered),
-            dequantize=True, generator=generator, trace=ev.trace, probes=int(ev.probes),
-            method=ev.get("ode_method", "dopri5"), rtol=float(ev.get("rtol", 1e-5)),
-            atol=float(ev.get("atol", 1e-5)), eps=float(ev.likelihood_eps), progress=progress)
-        bpds.append(result.bpd.double().cpu())
-        nfes.append(int(result.nfe))
-        log.info("likelihood batch %d: %.4f bits/dim (NFE %d)", first // batch_size,
-                 bpds[-1].mean().item(), nfes[-1])
-    seconds = time.perf_counter() - start
-    bpd, se = _mean_and_standard_error(torch.cat(bpds))
+    measure = _exact_likelihood if test.density is not None else _image_likelihood
+    result = measure(config, run, test, device, progress)
+    options = ode_options(config)
     metrics = {"sde": type(run.sde).__name__, "model": str(config.model.name),
                "continuous": bool(config.training.get("continuous", True)), "step": run.step,
-               "num_images": len(images), "bits_per_dim": bpd, "bits_per_dim_standard_error": se,
-               "nfe_per_batch": nfes, "nfe_mean": sum(nfes) / len(nfes), "seconds": round(seconds, 3),
-               "trace": str(ev.trace), "probes": int(ev.probes),
-               "gaussian_fit_bits_per_dim": gaussian_fit_bpd(config, num_images=len(images))}
+               **result, "nfe_mean": sum(result["nfe_per_batch"]) / len(result["nfe_per_batch"]),
+               "trace": options["trace"], "probes": options["probes"],
+               "ode_method": options["method"], "num_steps": options["num_steps"]}
     (workdir / "likelihood.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
+
+# ----------------------------------------------------------------------------- baselines
 
 def gaussian_fit(config, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Maximum-likelihood mean (D,) and covariance (D, D), float64, of the uniformly
@@ -238,7 +356,7 @@ def gaussian_fit(config, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def gaussian_fit_bpd(config, *, num_images: int = 0, seed: int = 0,
                      smoothing_std: float = 0.0) -> float:
     """Bits/dim of the first ``num_images`` (0: all) test images under the full-covariance
-    Gaussian of ``gaussian_fit``, with the same uniform dequantization as ``likelihood_images``.
+    Gaussian of ``gaussian_fit``, with the same uniform dequantization as ``likelihood``.
 
     log p(u) = log N(y; mu, Sigma) + D log|dy/du| for y = 2u - 1 (centered) or y = u; bits/dim
     = -(log p(u) - D log 256) / (D ln 2), i.e. samplers.bits_per_dim's formula. A baseline:
@@ -260,40 +378,54 @@ def gaussian_fit_bpd(config, *, num_images: int = 0, seed: int = 0,
     return (-(log_pu - dim * math.log(256.0)) / (dim * math.log(2.0))).mean().item()
 
 
+# ----------------------------------------------------------------------------- compare
+
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _likelihood_cells(like: dict) -> list[str]:
+    """[likelihood +- standard error, NFE, baseline]: bits/dim and the Gaussian fit's for
+    images, NLL in nats and the true NLL for closed-form data, '-' without a result."""
+    if "bits_per_dim" in like:
+        return [f"{like['bits_per_dim']:.3f} +- {like['bits_per_dim_standard_error']:.3f}",
+                f"{like['nfe_mean']:.0f}", f"{like['gaussian_fit_bits_per_dim']:.3f}"]
+    if "nll_nats" in like:
+        return [f"{like['nll_nats']:.3f} +- {like['nll_standard_error']:.3f} nats",
+                f"{like['nfe_mean']:.0f}", f"true NLL {like['true_nll_nats']:.3f} nats"]
+    return ["-", "-", "-"]
+
+
+def _sampler_cell(result: dict | None) -> str:
+    """'NFE / pixel FD' (images) or 'NFE / mode TV' (mixtures) of a samples_<method>.json."""
+    if result is None:
+        return "-"
+    quality = result.get("pixel_fd_to_test", result.get("mode_weight_tv"))
+    return f"{result['nfe']} / {quality:.4f}" if quality is not None else f"{result['nfe']} / -"
+
+
 def compare_workdirs(workdirs) -> str:
-    """One markdown table of trained runs side by side: SDE, model, training steps, the
-    likelihood (bits/dim +- standard error, NFE) of likelihood.json and, per sampler with a
-    samples_<method>.json, its NFE and pixel FD. Work directories without results show '-'."""
-    rows = []
-    samplers_seen: list[str] = []
+    """One markdown table of runs side by side: SDE, model, training steps, the likelihood
+    of likelihood.json (bits/dim +- standard error, or NLL in nats), its NFE and baseline
+    and, per sampler with a samples_<method>.json, its NFE and pixel FD (images) or mode-weight
+    TV (mixtures). Work directories without results show '-'."""
+    rows, samplers_seen = [], []
     for workdir in map(Path, workdirs):
         config = _read_json(workdir / "config.json")
         if config is None:
             raise FileNotFoundError(f"{workdir} has no config.json: not a work directory of "
-                                    "main.py (train there first)")
-        like = _read_json(workdir / "likelihood.json") or {}
+                                    "main.py (train, sample or compute a likelihood there first)")
         sampled = {p.stem[len("samples_"):]: json.loads(p.read_text())
                    for p in sorted(workdir.glob("samples_*.json"))}
         samplers_seen += [m for m in sampled if m not in samplers_seen]
-        rows.append((workdir, config, like, sampled))
-    header = ["run", "SDE", "model", "steps", "bits/dim", "NFE (ODE)", "Gaussian fit bits/dim"]
-    header += [f"{m}: NFE / pixel FD" for m in samplers_seen]
+        rows.append((workdir, config, _read_json(workdir / "likelihood.json") or {}, sampled))
+    header = ["run", "SDE", "model", "steps", "bits/dim (or NLL)", "NFE (ODE)",
+              "baseline: Gaussian fit bits/dim (or true NLL)"]
+    header += [f"{m}: NFE / pixel FD (or mode TV)" for m in samplers_seen]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for workdir, config, like, sampled in rows:
-        bpd = (f"{like['bits_per_dim']:.3f} +- {like['bits_per_dim_standard_error']:.3f}"
-               if like else "-")
         cells = [workdir.name, config["sde"]["name"], config["model"]["name"],
-                 str(like.get("step", "-")), bpd,
-                 f"{like['nfe_mean']:.0f}" if like else "-",
-                 f"{like['gaussian_fit_bits_per_dim']:.3f}" if like else "-"]
-        for method in samplers_seen:
-            s = sampled.get(method)
-            fd = s.get("pixel_fd_to_test") if s else None
-            cells.append(f"{s['nfe']} / {fd:.4f}" if s and fd is not None
-                         else (f"{s['nfe']} / -" if s else "-"))
+                 str(like.get("step", "-")), *_likelihood_cells(like)]
+        cells += [_sampler_cell(sampled.get(method)) for method in samplers_seen]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,4 +1,8 @@
-"""Images that people look at: sample grids as uint8 arrays, PNG files and TensorBoard entries."""
+"""Pictures that people look at: sample grids of images and scatter plots of 2-D points as
+uint8 (H, W, 3) arrays, PNG files and TensorBoard entries.
+
+    picture(x, centered=True)     samples in model space -> an image grid or a scatter plot
+"""
 from __future__ import annotations
 
 import math
@@ -7,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["to_uint8", "make_grid", "save_png"]
+__all__ = ["to_uint8", "make_grid", "scatter_image", "picture", "save_png"]
 
 
 def to_uint8(x: torch.Tensor, *, centered: bool) -> torch.Tensor:
@@ -45,6 +49,40 @@ def make_grid(images: torch.Tensor, *, nrow: int | None = None, padding: int = 1
         top, left = padding + r * (height + padding), padding + c * (width + padding)
         grid[top:top + height, left:left + width] = images[index].permute(1, 2, 0)
     return grid.numpy()
+
+
+def scatter_image(points: torch.Tensor, size: int = 512, extent: float = 3.5) -> np.ndarray:
+    """A (size, size, 3) uint8 scatter plot of the first two coordinates of points (N, D),
+    the square [-extent, extent]^2 filling the picture (points outside are left out)."""
+    from PIL import Image, ImageDraw
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    xy = points.detach().double().cpu().reshape(points.shape[0], -1)[:, :2]
+    xy = xy[torch.isfinite(xy).all(dim=1)]
+    pixels = ((xy + extent) / (2 * extent) * (size - 1)).numpy()
+    for px, py in pixels:                   # a 3x3 dot per point
+        px, py = float(px), float(size - 1 - py)
+        draw.rectangle((px - 1, py - 1, px + 1, py + 1), fill=(20, 60, 160))
+    return np.asarray(image)
+
+
+def picture(x: torch.Tensor, *, centered: bool = True, max_images: int = 100,
+            min_pixels: int = 32, padding: int | None = None) -> np.ndarray:
+    """Samples in model space as one (H, W, 3) uint8 picture.
+
+    Images (B, C, H, W): a grid of the first ``max_images``, each pixel repeated ``upscale``
+    = max(1, min_pixels // W) times, ``padding`` pixels between images (default
+    max(1, upscale // 2)); ``centered``: the data scaling (see to_uint8).
+    Flat points (B, D): a scatter plot of their first two coordinates."""
+    if x.ndim == 4:
+        upscale = max(1, min_pixels // x.shape[-1])
+        padding = max(1, upscale // 2) if padding is None else padding
+        return make_grid(to_uint8(x[:max_images], centered=centered), upscale=upscale,
+                         padding=padding)
+    if x.ndim == 2 and x.shape[1] >= 2:
+        return scatter_image(x)
+    raise ValueError(f"cannot draw samples of shape {tuple(x.shape)}: expected images "
+                     "(B, C, H, W) or points (B, D) with D >= 2")
 
 
 def save_png(grid: np.ndarray, path) -> Path:

@@ -1,5 +1,6 @@
 """run_lib.datasets: built-in digits, CIFAR-10 archive reader (restricted unpickling), MNIST
-IDX reader, image folder, scaling/dequantization and seeded, sharded batches.
+IDX reader, image folder, the toy mixtures as a data set with a closed-form density,
+scaling/dequantization and seeded, sharded batches.
 
 CIFAR-10 and MNIST cannot be downloaded here, so the tests write small files in the real
 formats themselves and read them back."""
@@ -347,11 +348,12 @@ def _config(**overrides):
 
 def test_build_dataset_digits_and_errors(tmp_path):
     dataset = datasets.build_dataset(_config(), "train")
-    assert len(dataset) == 1500 and dataset.shape == (1, 8, 8)
+    assert len(dataset) == 1500 and dataset.shape == (1, 8, 8) and dataset.density is None
     assert dataset.random_flip is False          # digits are never flipped by default
     x, y = next(dataset.batches(64, seed=0))
     assert x.shape == (64, 1, 8, 8) and x.min() == -1 and x.max() == 1
-    with pytest.raises(ValueError, match="valid names: digits, cifar10, mnist, folder"):
+    with pytest.raises(ValueError, match="valid names: digits, cifar10, mnist, folder, "
+                                         "eight_modes"):
         datasets.build_dataset(_config(name="imagenet"), "train")
     with pytest.raises(ValueError, match="image_size=8"):
         datasets.build_dataset(_config(image_size=32), "train")
@@ -364,3 +366,59 @@ def test_build_dataset_digits_and_errors(tmp_path):
     built = datasets.build_dataset(_config(name="cifar10", data_dir=str(cifar), image_size=32,
                                            num_channels=3, dequantize=True, centered=False), "test")
     assert len(built) == 5 and built.random_flip is True and built.dequantize is True
+
+
+# ----------------------------------------------------------------------------- toy mixtures
+
+def _toy_config(**overrides):
+    config = ml_collections.ConfigDict()
+    config.data = ml_collections.ConfigDict(dict(name="eight_modes", dim=2, train_size=4000,
+                                                 test_size=1000))
+    config.data.update(overrides)
+    return config
+
+
+def test_mixture_dataset_splits_are_draws_of_its_density():
+    """Both splits are fixed draws (the same on every build) of the closed-form mixture that
+    ``density`` holds: different points, the mixture's weights and mean log-density within
+    their sampling error (4000 points: TV of the component frequencies ~0.02, the mean
+    log-density's standard error ~0.02 nats); labels are the components."""
+    train = datasets.build_dataset(_toy_config(), "train")
+    test = datasets.build_dataset(_toy_config(), "test")
+    again = datasets.build_dataset(_toy_config(), "train")
+    assert len(train) == 4000 and len(test) == 1000 and train.shape == (2,)
+    assert train.points.dtype == torch.float32 and torch.equal(train.points, again.points)
+    assert not torch.equal(train.points[:1000], test.points)
+    density = train.density
+    assert density is not None and density.num_components == 8
+    freq = torch.bincount(train.labels, minlength=8).double() / len(train)
+    assert 0.5 * (freq - density.weights).abs().sum() < 0.05
+    nearest = torch.cdist(train.points.double(), density.means).argmin(dim=1)
+    assert (nearest == train.labels).double().mean() > 0.99        # labels: the components
+    more = density.sample(50_000, generator=torch.Generator().manual_seed(9))
+    expected = density.log_prob(more).mean()
+    assert abs(density.log_prob(train.points).mean() - expected) < 0.07
+
+
+def test_mixture_batches_shard_like_images():
+    dataset = datasets.build_dataset(_toy_config(train_size=40), "train")
+    seen = []
+    for rank in range(2):
+        batches = list(dataset.batches(4, seed=3, epoch=1, rank=rank, world_size=2))
+        assert len(batches) == 5 and all(x.shape == (4, 2) for x, _ in batches)
+        again = list(dataset.batches(4, seed=3, epoch=1, rank=rank, world_size=2))
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+        for x, labels in batches:
+            index = [int((dataset.points == row).all(dim=1).nonzero()[0]) for row in x]
+            assert torch.equal(dataset.labels[index], labels)      # points keep their labels
+            seen += index
+    assert sorted(seen) == list(range(40))
+
+
+def test_mixture_config_errors():
+    with pytest.raises(ValueError, match="config.data.dim=3 .* set config.data.dim=2"):
+        datasets.build_dataset(_toy_config(dim=3), "train")
+    with pytest.raises(ValueError, match="config.data.test_size=0"):
+        datasets.build_dataset(_toy_config(test_size=0), "test")
+    gaussian = datasets.build_dataset(_toy_config(name="spread_gaussian", dim=64), "test")
+    assert gaussian.shape == (64,) and gaussian.density.num_components == 1

@@ -1,5 +1,7 @@
 """Sample and likelihood modes of image runs (run_lib.evaluate, main.py --mode sample /
-likelihood / compare) on the built-in 8x8 digits with a tiny DDPM U-Net.
+likelihood / compare) on the built-in 8x8 digits with a tiny DDPM U-Net: files, seeds, EMA
+weights, published checkpoints, absent data, config.json in every mode, the configured
+steps of fixed-grid likelihood ODEs, the demo.
 
 The bits/dim pipeline (test split, dequantization, data scaling, ODE, bits conversion) is
 checked against a closed form: with the exact score of the Gaussian fitted to the training
@@ -17,7 +19,7 @@ import torch
 import samplers
 import sde_lib
 from configs.vp.ddpm_digits import get_config
-from run_lib import evaluate
+from run_lib import compose, evaluate
 from run_lib.datasets import build_dataset
 from run_lib.train import train
 
@@ -36,7 +38,7 @@ def tiny_config(n_iters=4):
     config.training.snapshot_freq_for_preemption = 2
     config.sampling.num_samples = 6
     config.sampling.method = "ddim"
-    config.sampling.num_steps = 4
+    config.sampling.ddim.num_steps = 4
     config.eval.likelihood_samples = 5
     config.eval.rtol = 1e-3
     config.eval.atol = 1e-3
@@ -53,7 +55,7 @@ def trained(tmp_path_factory):
 
 def test_sample_images_writes_grid_npz_json_and_is_seeded(trained, tmp_path):
     config, workdir = trained
-    metrics = evaluate.sample_images(config, workdir, progress=False)
+    metrics = evaluate.sample(config, workdir, progress=False)
     images = np.load(workdir / "samples_ddim.npz")["images"]
     assert images.shape == (6, 1, 8, 8) and images.dtype == np.uint8
     assert metrics["nfe"] == 5 and metrics["step"] == 4      # 4 steps + the final denoising
@@ -63,7 +65,7 @@ def test_sample_images_writes_grid_npz_json_and_is_seeded(trained, tmp_path):
     grid = np.asarray(Image.open(workdir / "samples_ddim.png"))
     assert grid.shape == (2 * (64 + 4) + 4, 3 * (64 + 4) + 4, 3)   # 6 images: 3 per row, x8
     assert json.loads((workdir / "samples_ddim.json").read_text())["nfe"] == 5
-    evaluate.sample_images(config, workdir, progress=False)
+    evaluate.sample(config, workdir, progress=False)
     assert np.array_equal(np.load(workdir / "samples_ddim.npz")["images"], images)
 
 
@@ -86,7 +88,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 def test_likelihood_images_json(trained):
     config, workdir = trained
-    metrics = evaluate.likelihood_images(config, workdir, progress=False)
+    metrics = evaluate.likelihood(config, workdir, progress=False)
     assert metrics["num_images"] == 5 and metrics["nfe_mean"] > 0
     assert 0 < metrics["bits_per_dim"] < 30 and metrics["bits_per_dim_standard_error"] > 0
     assert json.loads((workdir / "likelihood.json").read_text())["bits_per_dim"] == metrics["bits_per_dim"]
@@ -107,7 +109,7 @@ def test_bits_per_dim_of_the_exact_gaussian_score_equals_the_gaussian_fit(sde_na
     config.sde.name = sde_name
     mean, cov = evaluate.gaussian_fit(config)
     gaussian = sde_lib.GaussianMixture.gaussian(mean, cov, event_shape=(1, 8, 8))
-    sde = sde_lib.build_sde(config)
+    sde = compose.build_sde(config)
     test = build_dataset(config, "test").images
     result = samplers.bits_per_dim(gaussian.score_fn(sde), sde, test, centered=True,
                                    dequantize=True, generator=torch.Generator().manual_seed(5),
@@ -141,7 +143,7 @@ def test_main_sample_likelihood_compare(trained, tmp_path):
     config, workdir = trained
     common = ["--config", "configs/vp/ddpm_digits.py", "--config.device=cpu", "--config.model.nf=8",
               "--config.model.dropout=0.0", "--config.sampling.num_samples=4",
-              "--config.sampling.num_steps=3", "--config.eval.likelihood_samples=3",
+              "--config.sampling.ddim.num_steps=3", "--config.eval.likelihood_samples=3",
               "--config.eval.rtol=1e-2", "--config.eval.atol=1e-2", "--workdir", str(workdir)]
     run = lambda *args: subprocess.run([sys.executable, "main.py", *args], cwd=ROOT,
                                        capture_output=True, text=True, timeout=300)
@@ -192,7 +194,7 @@ def test_sample_from_an_official_score_sde_checkpoint(tmp_path):
     import models
     config = tiny_config()
     torch.manual_seed(3)
-    net = models.build_model(config)
+    net = compose.build_model(config)
     shadow = [p.detach() + 0.01 * torch.randn_like(p) for p in net.parameters()]
     official = {"model": {f"module.{k}": v for k, v in net.state_dict().items()},
                 "ema": {"decay": 0.9999, "num_updates": 7, "shadow_params": shadow},
@@ -203,8 +205,8 @@ def test_sample_from_an_official_score_sde_checkpoint(tmp_path):
     assert run.step == 7
     for loaded, expected in zip(run.model.parameters(), shadow):
         assert torch.equal(loaded, expected)
-    metrics = evaluate.sample_images(config, tmp_path / "out", progress=False,
-                                     checkpoint=str(tmp_path / "checkpoint_1.pth"))
+    metrics = evaluate.sample(config, tmp_path / "out", progress=False,
+                              checkpoint=str(tmp_path / "checkpoint_1.pth"))
     assert metrics["step"] == 7 and (tmp_path / "out" / "samples_ddim.png").exists()
 
 
@@ -215,13 +217,74 @@ def test_class_conditional_labels_follow_the_images_across_batches(tmp_path, mon
     config.sampling.num_samples, config.sampling.batch_size = 6, 4
     train(config, tmp_path, progress=False)
     used = []
-    real = samplers.sample_from_config
+    real = compose.sample
 
-    def spy(sampling, score_fn, *args, **kwargs):
+    def spy(config, score_fn, *args, **kwargs):
         used.append(score_fn.args[1].cpu())          # functools.partial(_, score_fn, labels)
-        return real(sampling, score_fn, *args, **kwargs)
+        return real(config, score_fn, *args, **kwargs)
 
-    monkeypatch.setattr(samplers, "sample_from_config", spy)
-    evaluate.sample_images(config, tmp_path, progress=False)
+    monkeypatch.setattr(compose, "sample", spy)
+    evaluate.sample(config, tmp_path, progress=False)
     saved = np.load(tmp_path / "samples_ddim.npz")["labels"]
     assert torch.equal(torch.cat(used), torch.arange(6)) and saved.tolist() == list(range(6))
+
+
+@pytest.mark.parametrize("data", ["mnist", "cifar10"])
+def test_sample_with_a_checkpoint_and_absent_data_writes_samples_and_a_note(tmp_path, data):
+    """--mode sample --checkpoint <file> without the data set: the samples (npz, png) and
+    config.json are written, the pixel FD is skipped with the reason in the JSON (MNIST: the
+    IDX files are missing; CIFAR-10: 3072 values per image, never computed, so the archive
+    is not even looked for), and the work directory joins --mode compare."""
+    import models
+    config = tiny_config()
+    shape = {"mnist": (1, 28), "cifar10": (3, 32)}[data]
+    config.data.name, config.data.data_dir = data, str(tmp_path / "absent")
+    config.data.num_channels, config.data.image_size = shape
+    torch.manual_seed(0)
+    net = compose.build_model(config)
+    ema = models.ExponentialMovingAverage(net, decay=0.9)
+    torch.save({"model": net.state_dict(), "ema": ema.state_dict(), "step": 3},
+               tmp_path / "weights.pt")
+    out = tmp_path / "out"
+    metrics = evaluate.sample(config, out, progress=False, checkpoint=str(tmp_path / "weights.pt"))
+    assert np.load(out / "samples_ddim.npz")["images"].shape == (6, shape[0], shape[1], shape[1])
+    assert (out / "samples_ddim.png").exists() and (out / "config.json").exists()
+    reason = {"mnist": "MNIST file", "cifar10": "3072 values"}[data]
+    saved = json.loads((out / "samples_ddim.json").read_text())
+    assert reason in json.dumps(saved["skipped"]) and "pixel_fd_to_test" not in saved
+    assert saved == metrics and saved["nfe"] == 5
+    table = evaluate.compare_workdirs([out])
+    assert table.splitlines()[2].endswith("| 5 / - |")
+
+
+def test_likelihood_uses_the_configured_steps_of_fixed_grid_methods(trained, tmp_path):
+    """config.eval.num_steps reaches the ODE: RK4 with 3 steps is 12 NFE per batch (the
+    default grid is longer), in batches of config.eval.batch_size (5 images, batches of 2:
+    3 batches). Used through --checkpoint in a fresh directory, which gets config.json."""
+    _, workdir = trained
+    config = tiny_config()
+    config.eval.ode_method, config.eval.num_steps, config.eval.batch_size = "rk4", 3, 2
+    fresh = tmp_path / "fresh"
+    metrics = evaluate.likelihood(config, fresh, progress=False,
+                                  checkpoint=str(workdir / "checkpoints" / "latest.pt"))
+    assert metrics["nfe_per_batch"] == [12, 12, 12] and metrics["num_steps"] == 3
+    assert (fresh / "config.json").exists() and metrics["num_images"] == 5
+    config.eval.num_steps = None
+    default = evaluate.likelihood(config, fresh, progress=False,
+                                  checkpoint=str(workdir / "checkpoints" / "latest.pt"))
+    assert default["nfe_per_batch"][0] > 12
+
+
+def test_sample_mode_falls_back_from_a_corrupt_latest_checkpoint(trained, tmp_path, caplog):
+    """A truncated latest.pt next to a good checkpoint_<step>.pt: sample mode warns and uses
+    the numbered one (its step is in the JSON)."""
+    import logging
+    import shutil
+    config, workdir = trained
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(workdir / "checkpoints" / "latest.pt", run / "checkpoints" / "checkpoint_4.pt")
+    (run / "checkpoints" / "latest.pt").write_bytes(b"PK\x03\x04 truncated")
+    caplog.set_level(logging.WARNING, logger="run_lib.checkpoints")
+    metrics = evaluate.sample(config, run, progress=False)
+    assert metrics["step"] == 4 and "using" in caplog.text and "checkpoint_4.pt" in caplog.text

@@ -1,6 +1,8 @@
-"""Image training loop (run_lib.train.train) on the 8x8 digits with a tiny DDPM U-Net:
+"""The training loop (run_lib.train.train) on the 8x8 digits with a tiny DDPM U-Net:
 learning, EMA test loss, sample grids, ETA, determinism, bitwise resume, atomic checkpoints,
-refused checkpoints, NaN stop without per-step host reads, bf16 autocast."""
+the fallback from a corrupt latest.pt, refused checkpoints, NaN stop without per-step host
+reads, bf16 autocast, the EMA warm-up, progress lines in log files. (The same loop on the
+toy mixtures: tests/test_toy_pipeline.py.)"""
 import io
 import json
 import logging
@@ -15,8 +17,9 @@ import pytest
 import torch
 
 from configs.vp.ddpm_digits import get_config
+from run_lib import compose
 from run_lib import train as train_module
-from run_lib.train import load_checkpoint, sample_grid, skip_nonfinite_step, train
+from run_lib.train import grid_picture, load_checkpoint, sample_grid, skip_nonfinite_step, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +58,7 @@ def test_train_loss_finite_and_decreasing(tmp_path, caplog):
     config.training.eval_batches = 4
     config.training.sample_freq = 40
     config.training.num_grid_samples = 9
-    config.sampling.num_steps = 8
+    config.sampling.dpm_solver.num_steps = 8       # the grid sampler's steps
     result = train(config, tmp_path, progress=False)
     losses = result["losses"]
     assert len(losses) == 40 and all(math.isfinite(v) for v in losses)
@@ -79,16 +82,16 @@ def test_train_loss_finite_and_decreasing(tmp_path, caplog):
     # the grid PNG is the seeded sample of the EMA weights saved at step 40
     from PIL import Image
     import models
-    import sde_lib
-    from run_lib.images import make_grid
+    from run_lib.images import to_uint8
     png = np.asarray(Image.open(tmp_path / "samples" / "grid_40.png"))
     assert png.shape == (3 * 33 + 1, 3 * 33 + 1, 3)       # 3x3 cells of 8x8 upscaled x4
-    model = models.build_model(config)
+    model = compose.build_model(config)
     ema = models.ExponentialMovingAverage(model, decay=0.9)
     ema.load_state_dict(load_checkpoint(tmp_path / "checkpoints" / "latest.pt", "cpu")["ema"])
-    images = sample_grid(config, sde_lib.build_sde(config), model, ema, device="cpu")
-    assert images.float().std() > 10        # not a blank grid
-    assert np.array_equal(make_grid(images, upscale=4), png)
+    x = sample_grid(config, compose.build_sde(config), model, ema, device="cpu")
+    assert x.shape == (9, 1, 8, 8)
+    assert to_uint8(x, centered=True).float().std() > 10        # not a blank grid
+    assert np.array_equal(grid_picture(config, x), png)
 
 
 def test_no_host_read_per_step(tmp_path, monkeypatch):
@@ -107,8 +110,8 @@ def test_no_host_read_per_step(tmp_path, monkeypatch):
             return func(*args, **(kwargs or {}))
 
     flushes = []
-    real_flush = train_module._StepRecord.flush
-    monkeypatch.setattr(train_module._StepRecord, "flush",
+    real_flush = train_module.StepRecord.flush
+    monkeypatch.setattr(train_module.StepRecord, "flush",
                         lambda self, latest: flushes.append(len(self.rows)) or real_flush(self,
                                                                                           latest))
     config = tiny_config(10)
@@ -225,8 +228,7 @@ def test_checkpoint_of_another_model_is_refused_untouched(tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypatch):
-    import sde_lib
-    real = sde_lib.build_loss_fn
+    real = compose.build_loss_fn
 
     def nan_after_three(config, sde):
         loss_fn = real(config, sde)
@@ -238,7 +240,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypatch):
             return loss * float("nan") if len(calls) > 3 else loss
         return wrapped
 
-    monkeypatch.setattr(sde_lib, "build_loss_fn", nan_after_three)
+    monkeypatch.setattr(compose, "build_loss_fn", nan_after_three)
     with pytest.raises(FloatingPointError, match="at step 3"):
         train(tiny_config(6), tmp_path, progress=False)
     assert load_checkpoint(tmp_path / "checkpoints" / "latest.pt", "cpu")["step"] == 2
@@ -253,3 +255,84 @@ def test_main_train_mode_digits(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["step"] == 2 and "VESDE" in metrics["sde"]
     assert (tmp_path / "checkpoints" / "latest.pt").exists()
+
+
+def test_corrupt_latest_falls_back_to_the_newest_numbered_checkpoint(tmp_path, caplog):
+    """A truncated latest.pt (step 6) next to a good checkpoint_4.pt: training warns and
+    resumes from step 4, and its steps 5-8 give bitwise the model of an uninterrupted 8-step
+    run (so it really continued from checkpoint_4's state, RNGs included). With no loadable
+    checkpoint left, a one-line CheckpointError (a ValueError) says what to do."""
+    full = train(tiny_config(8), tmp_path / "full", progress=False)
+    train(tiny_config(6), tmp_path / "split", progress=False)
+    folder = tmp_path / "split" / "checkpoints"
+    raw = (folder / "latest.pt").read_bytes()
+    (folder / "latest.pt").write_bytes(raw[:len(raw) // 2])
+    caplog.set_level(logging.WARNING, logger="run_lib.checkpoints")
+    resumed = train(tiny_config(8), tmp_path / "split", progress=False)
+    assert resumed["start_step"] == 4 and resumed["losses"] == full["losses"][4:]
+    assert "latest.pt cannot be read" in caplog.text and "checkpoint_4.pt (step 4)" in caplog.text
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "latest.pt", "cpu")
+    b = load_checkpoint(folder / "latest.pt", "cpu")
+    assert b["step"] == 8 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+    from run_lib.checkpoints import CheckpointError
+    for path in folder.glob("checkpoint_*.pt"):
+        path.write_bytes(b"")
+    (folder / "latest.pt").write_bytes(raw[:100])
+    with pytest.raises(CheckpointError, match="no checkpoint_<step>.pt next to it loads") as error:
+        train(tiny_config(10), tmp_path / "split", progress=False)
+    assert "\n" not in str(error.value)
+
+
+def _distance(a: dict, b: dict) -> float:
+    return math.sqrt(sum((a[k].double() - b[k].double()).square().sum().item() for k in a))
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_warmup_samples_trained_weights_after_a_short_run(tmp_path, warmup):
+    """ema_rate 0.999 (the ncsn / ncsnv2 / ncsnpp / ddpmpp digits configs) and 30 steps.
+    Without the warm-up the EMA is 0.999^30 = 97 % the initial weights: far from the trained
+    ones. With config.model.ema_warmup (the digits default) the n-th decay is
+    min(0.999, (1 + n) / (10 + n)), so the EMA spans the last few steps: measured distance to
+    the trained weights about 0.1 of that to the initial ones; bound 0.3. The weights that
+    sample mode loads (load_score_fn) are these EMA weights."""
+    from run_lib import evaluate
+    config = tiny_config(30)
+    config.model.dropout = 0.0
+    config.model.ema_rate = 0.999
+    config.model.ema_warmup = warmup
+    config.training.eval_freq = 0
+    torch.manual_seed(int(config.seed))
+    initial = {k: v.clone() for k, v in compose.build_model(config).named_parameters()}
+    train(config, tmp_path, progress=False)
+    state = load_checkpoint(tmp_path / "checkpoints" / "latest.pt", "cpu")
+    trained = {k: state["model"][k] for k in initial}
+    ema = {k: state["ema"]["shadow"][k] for k in initial}
+    assert _distance(initial, trained) > 0.1            # the run moved the weights
+    to_trained, to_initial = _distance(ema, trained), _distance(ema, initial)
+    if warmup:
+        assert to_trained < 0.3 * to_initial, (to_trained, to_initial)
+    else:
+        assert to_initial < 0.1 * to_trained, (to_trained, to_initial)
+    loaded = dict(evaluate.load_score_fn(config, tmp_path, "cpu").model.named_parameters())
+    assert all(torch.equal(loaded[k], ema[k]) for k in ema)
+
+
+def test_progress_in_a_log_file_is_a_few_lines(tmp_path, capfd, monkeypatch):
+    """With stderr not a terminal (a log file), the training progress writes log lines at
+    most every interval, never carriage-return bar updates: 12 steps with a 0 s interval give
+    one line per step, with the default 30 s interval none."""
+    import samplers.harness as harness
+    config = tiny_config(12)
+    config.training.eval_freq = 0
+    train(config, tmp_path / "a", progress=True)
+    err = capfd.readouterr().err
+    assert "\r" not in err and "train: 12/12" not in err
+    real = harness._LogProgress.__init__
+    monkeypatch.setattr(harness._LogProgress, "__init__",
+                        lambda self, total, desc, interval=30.0: real(self, total, desc, 0.0))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(harness.log, "info", lambda msg, *args: print(msg % args, file=sys.stderr))
+        train(config, tmp_path / "b", progress=True)
+    err = capfd.readouterr().err
+    assert "\r" not in err and "train: 12/12" in err and "train: 1/12" in err
