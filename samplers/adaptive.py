@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from sde_lib import SDE, check_bool, check_choice, check_int, check_real
+from sde_lib import SCHEDULE_DTYPE, SDE, check_bool, check_choice, check_int, check_real
 
 from .fast import (DPM_ALGORITHMS, ExponentialStep, combine, final_denoise, model_output,
                    singlestep_2, singlestep_3)
@@ -96,8 +96,8 @@ def dpm_solver_adaptive_sample(score_fn: Callable, sde: SDE, shape, *, order: in
 def _adaptive_loop(run: Harness, order: int, data: bool, rtol: float, atol: float,
                    h: float, theta: float, t_err: float, eps: float, max_steps: int):
     """Algorithm 4 of DPM-Solver: steps of size h in lambda, accepted when E <= 1."""
-    (s_t,), (s,) = run.points(torch.tensor([run.sde.T]))
-    (eps_t,), (end,) = run.points(torch.tensor([eps]))
+    (s_t,), (s,) = run.points(torch.tensor([run.sde.T], dtype=SCHEDULE_DTYPE))
+    (eps_t,), (end,) = run.points(torch.tensor([eps], dtype=SCHEDULE_DTYPE))
     rs = (0.5,) if order == 2 else (1.0 / 3.0, 2.0 / 3.0)
     x = x_prev = run.x
     m0, accepted_steps = None, 0                 # m0: the output at (x, s), reused on rejection

@@ -142,7 +142,7 @@ def _churn(sigmas: torch.Tensor, num_steps: int, s_churn: float, s_tmin: float, 
     sigma_i in [S_tmin, S_tmax] else 0 (Alg. 2 line 5); sigma_hat = sigma_i (1 + gamma_i);
     scale = S_noise sqrt(sigma_hat^2 - sigma_i^2) (line 6), 0 without churn."""
     in_range = (sigmas >= s_tmin) & (sigmas <= s_tmax)
-    gamma = torch.where(in_range, min(s_churn / num_steps, math.sqrt(2.0) - 1.0), 0.0)
+    gamma = in_range.to(sigmas.dtype) * min(s_churn / num_steps, math.sqrt(2.0) - 1.0)
     sigma_hat = sigmas * (1.0 + gamma)
     scale = s_noise * torch.sqrt((sigma_hat ** 2 - sigmas ** 2).clamp(min=0.0))
     return sigma_hat, scale if (s_churn > 0 and s_noise > 0) else torch.zeros_like(scale)

@@ -361,7 +361,7 @@ class Harness:
     def point_at_lam(self, lam: float) -> tuple[torch.Tensor, SchedulePoint]:
         """(device (B,) times, host-float point) at the half log-SNR ``lam`` (a float),
         computed on the CPU: no device synchronisation."""
-        times, points = self.points(self.schedule.t_from_lam(torch.tensor([lam])))
+        times, points = self.points(self.schedule.t_from_lam(torch.tensor([lam], dtype=SCHEDULE_DTYPE)))
         return times[0], points[0]
 
     def noise(self, x: torch.Tensor) -> torch.Tensor:

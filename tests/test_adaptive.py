@@ -72,26 +72,26 @@ def test_adaptive_nfe_falls_as_tolerance_loosens(gaussian, sde_name, order):
 
 
 def test_from_config_uses_the_adaptive_tolerances():
-    """sample_from_config(method="dpm_adaptive") reads sampling.adaptive_rtol / adaptive_atol
-    (defaults 0.05 / 0.0078), not the ode sampler's rtol / atol (1e-5)."""
+    """compose.sample(method="dpm_adaptive") reads config.sampling.dpm_adaptive.rtol / atol
+    (defaults 0.05 / 0.0078), its own keys, not the ode sampler's rtol / atol (1e-5)."""
     from configs.default_toy import get_default_configs
-    sampling = get_default_configs().sampling
-    assert (sampling.adaptive_rtol, sampling.adaptive_atol) == (RTOL, ATOL)
-    assert sampling.rtol == 1e-5
+    from run_lib import compose
+    config = get_default_configs()
+    group = config.sampling.dpm_adaptive
+    assert (group.rtol, group.atol) == (RTOL, ATOL) and config.sampling.ode.rtol == 1e-5
     sde = sde_lib.VPSDE()
     score = flow_problem_score(sde)
     kw = dict(generator=torch.Generator().manual_seed(0))
-    via_config = samplers.sample_from_config(sampling, score, sde, (4, 4), method="dpm_adaptive",
-                                             **kw)
-    direct = dpm_solver_adaptive_sample(score, sde, (4, 4), order=sampling.order,
-                                        algorithm=sampling.algorithm, rtol=RTOL, atol=ATOL,
+    via_config = compose.sample(config, score, sde, (4, 4), method="dpm_adaptive", **kw)
+    direct = dpm_solver_adaptive_sample(score, sde, (4, 4), order=group.order,
+                                        algorithm=group.algorithm, rtol=RTOL, atol=ATOL,
                                         generator=torch.Generator().manual_seed(0))
-    tight = dpm_solver_adaptive_sample(score, sde, (4, 4), order=sampling.order,
-                                       algorithm=sampling.algorithm, rtol=1e-5, atol=1e-5,
+    tight = dpm_solver_adaptive_sample(score, sde, (4, 4), order=group.order,
+                                       algorithm=group.algorithm, rtol=1e-5, atol=1e-5,
                                        generator=torch.Generator().manual_seed(0))
     assert via_config.nfe == direct.nfe < tight.nfe
     torch.testing.assert_close(via_config.x, direct.x, rtol=0, atol=0)
-    sampling.adaptive_rtol = 0.01
-    tighter = samplers.sample_from_config(sampling, score, sde, (4, 4), method="dpm_adaptive",
-                                             generator=torch.Generator().manual_seed(0))
-    assert tighter.nfe > direct.nfe
+    group.rtol = 0.01
+    finer = compose.sample(config, score, sde, (4, 4), method="dpm_adaptive",
+                           generator=torch.Generator().manual_seed(0))
+    assert direct.nfe < finer.nfe < tight.nfe

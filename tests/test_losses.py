@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import sde_lib
+from run_lib import compose
 
 N_SAMPLES = 20000
 Z_MAX = 4.0
@@ -245,7 +246,7 @@ def test_loss_options_that_make_no_sense_are_refused():
         sde_lib.get_loss_fn(vp, importance_sampling=True)
     with pytest.raises(ValueError, match="continuous=True"):
         sde_lib.get_loss_fn(ve, continuous=False, likelihood_weighting=True)
-    with pytest.raises(ValueError, match="subVPSDE has no discrete"):
+    with pytest.raises(ValueError, match=r"subVPSDE\(.*\) lacks; use continuous=True"):
         sde_lib.get_loss_fn(subvp, continuous=False)
     with pytest.raises(ValueError, match="eps"):
         sde_lib.get_loss_fn(vp, eps=0.0)
@@ -256,9 +257,9 @@ def test_loss_options_that_make_no_sense_are_refused():
 def test_build_loss_fn_reads_training_options():
     from ml_collections import ConfigDict
     config = ConfigDict({"training": {"continuous": False, "reduce_mean": True}})
-    loss_fn = sde_lib.build_loss_fn(config, sde_lib.VPSDE(N=100))
+    loss_fn = compose.build_loss_fn(config, sde_lib.VPSDE(N=100))
     x = torch.zeros(8, 4)
     zero = loss_fn(lambda x, t: torch.zeros_like(x), x, generator=torch.Generator().manual_seed(0))
     assert 0.3 < zero.item() < 2.0          # mean of z^2 over 32 values
     with pytest.raises(ValueError, match="has no 'training' group"):
-        sde_lib.build_loss_fn(ConfigDict({"sde": {}}), sde_lib.VPSDE())
+        compose.build_loss_fn(ConfigDict({"sde": {}}), sde_lib.VPSDE())

@@ -15,9 +15,8 @@ import pytest
 import torch
 
 import sde_lib
-from samplers.common import SampleResult
-from samplers.ode import (ADAPTIVE_METHODS, FIXED_GRID_METHODS, ODE_METHODS, ode_sample,
-                          tweedie_denoise)
+from samplers.harness import SampleResult, Schedule
+from samplers.ode import ADAPTIVE_METHODS, FIXED_GRID_METHODS, ODE_METHODS, ode_sample
 from sde_lib import GaussianMixture
 from testbed import (SDE_PARAMS, Z_MAX, correlated_gaussian, eight_mode_mixture,
                      frechet_distance, spread_gaussian)
@@ -111,7 +110,9 @@ def test_ode_denoise_is_tweedie_and_shrinks_the_noise():
     plain = ode_sample(dist.score_fn(sde), sde, x_T.shape, x_init=x_T, eps=eps)
     den = ode_sample(dist.score_fn(sde), sde, x_T.shape, x_init=x_T, eps=eps, denoise=True)
     assert den.nfe == plain.nfe + 1
-    expected = tweedie_denoise(dist.score_fn(sde), sde, plain.x, eps)
+    std_eps = sde.marginal_coeffs(torch.tensor(eps, dtype=F64))[1].item()
+    t_eps = torch.full((n,), eps, dtype=F64)
+    expected = Schedule.tweedie(plain.x, dist.score_fn(sde)(plain.x, t_eps), 1.0, std_eps)
     torch.testing.assert_close(den.x, expected, rtol=0, atol=0)
     # per-direction variance: s^4 / (s^2 + 0.01) after denoising vs s^2 + 0.01 before
     lam, vecs = dist.eigvals[0], dist.eigvecs[0]

@@ -14,7 +14,8 @@ import torch
 
 import samplers
 import sde_lib
-from samplers.pc import Step, ancestral_sampling
+from samplers.harness import Schedule
+from samplers.pc import ancestral_coefficients
 from testbed import reference_and_floor, eight_mode_mixture, frechet_distance, spread_gaussian
 
 F64 = torch.float64
@@ -151,24 +152,30 @@ def test_ald_recovers_mixture_weights():
     check_mixture(mixture, result.x)
 
 
+def _ancestral_step(sde, level: int, x, score, noise):
+    """One ancestral step from chain level ``level`` as pc_sample takes it: x0_hat by Tweedie
+    with the chain's (alpha_i, std_i), then the posterior mean and noise of
+    ``ancestral_coefficients``."""
+    alpha, std, c_0, c_x, noise_std = (v.item() for v in
+                                       ancestral_coefficients(sde, torch.tensor([level])))
+    x_mean = Schedule.tweedie(x, score, alpha, std) * c_0 + x * c_x
+    return x_mean + noise * noise_std, x_mean
+
+
 def test_ancestral_step_is_ddpm_algorithm_2():
     """VP ancestral mean = (x + beta_i s) / sqrt(1 - beta_i) (Ho et al. 2020, Alg. 2 with
     eps = -std s); variance = DDPM's posterior beta~_i = beta_i (1 - abar_{i-1}) / (1 - abar_i)."""
     sde = sde_lib.VPSDE(N=100)
     x, score = torch.randn(4, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
+    noise = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
     for i in (0, 1, 37, 99):
-        level = torch.full((4,), i)
-        t = sde.index_time(level)
-        draws = [ancestral_sampling(lambda *_: score, sde, x, Step(t, t, level),
-                                    torch.Generator().manual_seed(s)) for s in (0, 1)]
-        (x1, x_mean), (x2, _) = draws
+        x1, x_mean = _ancestral_step(sde, i, x, score, noise)
         beta = sde.discrete_betas[i].item()
         torch.testing.assert_close(x_mean, (x + beta * score) / math.sqrt(1 - beta))
         abar, abar_prev = sde.alphas_cumprod[i].item(), (sde.alphas_cumprod[i - 1].item() if i else 1.0)
         posterior_var = beta * (1 - abar_prev) / (1 - abar)
-        noise = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
         torch.testing.assert_close(x1, x_mean + math.sqrt(posterior_var) * noise)
-        assert (i == 0) == torch.equal(x1, x2)          # level 0 adds no noise
+        assert (i == 0) == torch.equal(x1, x_mean)          # level 0 adds no noise
 
 
 def test_ancestral_step_is_smld_for_ve():
@@ -176,14 +183,27 @@ def test_ancestral_step_is_smld_for_ve():
     sigma_{i-1}^2) / sigma_i^2 (Song et al. 2021, eq. 47)."""
     sde = sde_lib.VESDE(N=20)
     x, score = torch.randn(2, 5, dtype=F64), torch.randn(2, 5, dtype=F64)
-    level = torch.full((2,), 7)
-    t = sde.index_time(level)
-    x1, x_mean = ancestral_sampling(lambda *_: score, sde, x, Step(t, t, level),
-                                    torch.Generator().manual_seed(0))
+    noise = torch.randn(2, 5, generator=torch.Generator().manual_seed(0), dtype=F64)
+    x1, x_mean = _ancestral_step(sde, 7, x, score, noise)
     s, s_prev = sde.discrete_sigmas[7].item(), sde.discrete_sigmas[6].item()
     torch.testing.assert_close(x_mean, x + (s ** 2 - s_prev ** 2) * score)
-    noise = torch.randn(2, 5, generator=torch.Generator().manual_seed(0), dtype=F64)
     torch.testing.assert_close(x1, x_mean + math.sqrt(s_prev ** 2 * (s ** 2 - s_prev ** 2) / s ** 2) * noise)
+
+
+def test_pc_ancestral_step_matches_the_formula():
+    """pc_sample with predictor='ancestral_sampling' and no corrector takes exactly the
+    ancestral step of the formula above at level N - 1 (its first step)."""
+    sde = sde_lib.VPSDE(beta_max=1.0, N=2)
+    x_T = torch.randn(3, 2, dtype=F64)
+    score = torch.randn(3, 2, dtype=F64)
+    states = []
+    result = samplers.pc_sample(lambda x, t: score, sde, (3, 2), predictor="ancestral_sampling",
+                                corrector="none", x_init=x_T, generator=torch.Generator().manual_seed(4),
+                                callback=lambda p: states.append(p["x"]))
+    noise = torch.randn(3, 2, generator=torch.Generator().manual_seed(4), dtype=F64)
+    x1, _ = _ancestral_step(sde, 1, x_T, score, noise)
+    torch.testing.assert_close(states[0], x1)
+    assert result.nfe == 2
 
 
 def test_langevin_step_factor():
@@ -191,12 +211,12 @@ def test_langevin_step_factor():
     vp, subvp, ve = SDES["vp"](), SDES["subvp"](), SDES["ve"]()
     levels = torch.tensor([1, 100, 500, 999])
     t = vp.index_time(levels)
-    factor = samplers.langevin_step_factor(vp, t)
+    factor = vp.langevin_step_factor(t)
     # exp(-beta_i) vs 1 - beta_i differ by <= beta_max^2 / (2 N^2) = 2e-4, plus O(beta / N)
     # from the half-step offset between the continuous and the discrete beta
     torch.testing.assert_close(factor, 1 - vp.discrete_betas[levels], rtol=0, atol=3e-4)
-    torch.testing.assert_close(samplers.langevin_step_factor(subvp, t), factor)
-    assert (samplers.langevin_step_factor(ve, t) == 1).all()
+    torch.testing.assert_close(subvp.langevin_step_factor(t), factor)
+    assert (ve.langevin_step_factor(t) == 1).all()
 
 
 def test_seeds_callback_and_dtype():
@@ -208,7 +228,9 @@ def test_seeds_callback_and_dtype():
     assert torch.equal(runs[0].x, runs[1].x) and not torch.equal(runs[0].x, runs[2].x)
     assert runs[0].x.dtype == torch.get_default_dtype()
     assert [c["step"] for c in seen[:50]] == list(range(50))
-    assert seen[0]["t"] == pytest.approx(sde.T) and seen[49]["t"] == pytest.approx(1e-3)
+    # t: where the state is after the step (the next grid time; 0 after the last step)
+    assert seen[0]["t"] == pytest.approx(sde.T - (sde.T - 1e-3) / 49)
+    assert seen[48]["t"] == pytest.approx(1e-3) and seen[49]["t"] == 0.0
     x64 = samplers.pc_sample(mixture.score_fn(sde), sde, (4, 2), dtype=F64, progress=True).x
     assert x64.dtype == F64
 
@@ -221,7 +243,7 @@ def test_bad_input_is_refused():
         samplers.pc_sample(score, sde, (2, 2), corrector="hmc")
     with pytest.raises(ValueError, match="both 'none'"):
         samplers.pc_sample(score, sde, (2, 2), predictor="none", corrector="none")
-    with pytest.raises(ValueError, match="ancestral_sampling needs a discrete chain"):
+    with pytest.raises(ValueError, match="ancestral_sampling' needs a discrete chain"):
         samplers.pc_sample(score, SDES["subvp"](N=10), (2, 2), predictor="ancestral_sampling")
     with pytest.raises(ValueError, match="use pc_sample"):
         samplers.ald_sample(score, sde, (2, 2))
@@ -240,7 +262,7 @@ def test_non_finite_values_stop_sampling_at_the_step_they_appear():
 
     def breaks_below_half(x, t):
         return torch.where(t[:, None] < 0.5, torch.full_like(x, float("nan")), -x)
-    with pytest.raises(FloatingPointError, match=r"at step 50 \(t=0\.49"):
+    with pytest.raises(FloatingPointError, match=r"at step 50 \(t=0\.485"):
         samplers.pc_sample(breaks_below_half, sde, (3, 2), corrector="none")
     with pytest.raises(FloatingPointError, match="at step 0"):
         samplers.ald_sample(lambda x, t: x * float("inf"), SDES["ve"](N=10), (3, 2), n_steps_each=2)

@@ -15,6 +15,7 @@ import torch
 from torch.distributions import Independent, Normal
 
 import sde_lib
+from run_lib import compose
 from testbed import (SDE_PARAMS, Z_MAX, correlated_gaussian, moment_standard_errors,
                      moment_zscores)
 
@@ -448,7 +449,7 @@ def test_bad_parameters_raise_value_error_naming_them(make, match):
 def test_build_sde_from_config(name, cls, params):
     config = ml_collections.ConfigDict()
     config.sde = ml_collections.ConfigDict({"name": name, "num_scales": 321, **params})
-    sde = sde_lib.build_sde(config)
+    sde = compose.build_sde(config)
     assert type(sde) is cls and sde.N == 321
     for key, value in params.items():
         assert getattr(sde, key) == value
@@ -459,21 +460,30 @@ def test_build_sde_from_config(name, cls, params):
     assert sde.marginal_coeffs(t)[1][-1] != cls().marginal_coeffs(t)[1][-1]
     # missing parameters take the class defaults
     config.sde = ml_collections.ConfigDict({"name": name.upper()})
-    sde = sde_lib.build_sde(config)
+    sde = compose.build_sde(config)
     assert type(sde) is cls and sde.N == cls().N and repr(sde) == repr(cls())
+
+
+def test_build_sde_by_name_takes_plain_arguments_only():
+    sde = sde_lib.build_sde("VESDE", sigma_min=0.02, sigma_max=30.0, N=7)
+    assert repr(sde) == repr(sde_lib.VESDE(0.02, 30.0, N=7))
+    with pytest.raises(ValueError, match="vpsde, subvpsde, vesde"):
+        sde_lib.build_sde("ddpm")
+    with pytest.raises(TypeError, match="run_lib.compose.build_sde"):
+        sde_lib.build_sde(ml_collections.ConfigDict({"sde": {"name": "vpsde"}}))
 
 
 def test_build_sde_errors():
     config = ml_collections.ConfigDict({"sde": {"name": "ddpm", "num_scales": 10}})
     with pytest.raises(ValueError, match="vpsde.*subvpsde.*vesde") as info:
-        sde_lib.build_sde(config)
+        compose.build_sde(config)
     assert "ddpm" in str(info.value)
     config.sde.name = "vesde"
     config.sde.sigma_min = -1.0
     with pytest.raises(ValueError, match="sigma_min"):
-        sde_lib.build_sde(config)
+        compose.build_sde(config)
     with pytest.raises(ValueError, match="sde"):
-        sde_lib.build_sde(ml_collections.ConfigDict({"model": {"name": "mlp"}}))
+        compose.build_sde(ml_collections.ConfigDict({"model": {"name": "mlp"}}))
 
 
 # ----- h. the DDPM time index ----------------------------------------------------------------
