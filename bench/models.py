@@ -6,7 +6,7 @@
                            [--channels-last] [--repeats R] [--warmup W] [--out results.json]
 
 For every CIFAR-10 config (``MODEL_CONFIGS``; 3 x 32 x 32 images) the network is built by
-``models.build_model`` and wrapped by ``models.build_score_fn(config, sde, model)``, so what is
+``compose.build_model`` and wrapped by ``compose.build_score_fn(config, sde, model)``, so what is
 timed is one score evaluation ``score_fn(x, t)`` as a sampler or the training loss sees it
 (the wrapper's noise-level conditioning and scaling included). Per model and mode:
 
@@ -58,8 +58,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))                   # run from a checkout, uninstalled
 
-import models  # noqa: E402
 import sde_lib  # noqa: E402
+from run_lib import compose  # noqa: E402
 
 #: short name -> CIFAR-10 config file (relative to the repo root).
 MODEL_CONFIGS = {
@@ -114,7 +114,7 @@ def build(name: str, device: torch.device, channels_last: bool, seed: int = 0,
     init "full": near-zero layers redrawn (``wake_zero_init``)."""
     config = load_config(ROOT / MODEL_CONFIGS[name])
     torch.manual_seed(seed)
-    model = models.build_model(config)
+    model = compose.build_model(config)
     if init == "full":
         wake_zero_init(model, seed)
     model = model.to(device)
@@ -126,7 +126,7 @@ def build(name: str, device: torch.device, channels_last: bool, seed: int = 0,
 def inputs(config, sde, batch: int, device: torch.device, channels_last: bool, seed: int = 1):
     """x: (batch, 3, 32, 32) float32 noise of the prior's scale at t; t: (batch,) in [eps, T]."""
     g = torch.Generator().manual_seed(seed)
-    shape = (batch, *models.data_shape(config))
+    shape = (batch, *compose.data_shape(config))
     eps = float(config.training.get("eps", 1e-5) or 1e-5)
     t = eps + (sde.T - eps) * torch.rand(batch, generator=g, dtype=torch.float64)
     x = torch.randn(shape, generator=g)
@@ -235,7 +235,7 @@ def run_model(name: str, modes, args, device: torch.device) -> list[dict]:
     compiled = None
     model.eval()
     with torch.no_grad():
-        reference = models.build_score_fn(config, sde, model)(x, t).float()
+        reference = compose.build_score_fn(config, sde, model)(x, t).float()
     rows = []
     for mode in modes:
         bf16, use_compile = "bf16" in mode, "compile" in mode
@@ -247,7 +247,7 @@ def run_model(name: str, modes, args, device: torch.device) -> list[dict]:
                 torch._dynamo.reset()
                 compiled = torch.compile(model, dynamic=args.compile_dynamic)
             net = compiled
-        score_fn = models.build_score_fn(config, sde, net)
+        score_fn = compose.build_score_fn(config, sde, net)
         forward, forward_backward = make_steps(score_fn, model, x, t, device, bf16)
         try:
             model.eval()

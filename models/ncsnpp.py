@@ -19,8 +19,8 @@ skip_rescale, init_scale=0, progressive='none', progressive_combine='sum').
 Parameter names, shapes, registration order and initialisation follow the official code, so
 its checkpoints load with ``strict=True`` after ``convert_score_sde_state_dict`` and its EMA
 list lines up with ``model.parameters()``. The layers it shares with DDPM (GroupNorm, NIN,
-attention, DDPM residual block, up/downsampling) live in ``models/ddpm.py``; FIR resampling in
-``models/fir.py``.
+attention, DDPM residual block, up/downsampling, the per-resolution block loops) live in
+``models/layers.py``; FIR resampling in ``models/fir.py``.
 
 Conditioning (``forward(x, cond)``, what ``models.get_score_fn`` passes):
 
@@ -28,7 +28,8 @@ Conditioning (``forward(x, cond)``, what ``models.get_score_fn`` passes):
   > 0 (continuous VE). An integer cond (a discrete level) is refused: the official code also
   allows Fourier features only for continuous training.
 * ``embedding_type='positional'``: the sinusoidal embedding of cond as given: 999 t
-  (continuous VP / sub-VP), the DDPM step index, sigma(t) (continuous VE) or the NCSN level
+  (continuous VP / sub-VP), the DDPM step index (or its fractional t (N - 1) with
+  ``discrete_labels='score_sde'``), sigma(t) (continuous VE) or the NCSN level
   label ``N - 1 - i`` (discrete VE). The official model also looks ``sigmas[label]`` up in a
   table for ``scale_by_sigma``; here there is no table: ``get_score_fn(...,
   scale_by_sigma=True)`` divides by the same sigma (its discrete sigma_i for label N - 1 - i
@@ -57,8 +58,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .ddpm import (AttnBlock, Downsample, ResidualBranch, ResnetBlockDDPM, Upsample, _conv1x1,
-                   _conv3x3, _dense, _group_norm, _skip_sum)
+from .layers import (AttnBlock, Downsample, ResidualBranch, ResnetBlockDDPM, Upsample,
+                     ddpm_conv1x1, ddpm_conv3x3, dense, down_level, down_level_modules,
+                     group_norm, middle_blocks, skip_sum, up_level, up_level_modules)
 from .embeddings import GaussianFourierProjection, sinusoidal_embedding
 from .fir import DEFAULT_KERNEL, downsample_2d, upsample_2d
 
@@ -106,7 +108,7 @@ class Combine(nn.Module):
         super().__init__()
         if method not in _CHOICES["progressive_combine"]:
             raise ValueError(f"progressive_combine={method!r}; valid: 'sum', 'cat'")
-        self.Conv_0 = _conv1x1(dim1, dim2)
+        self.Conv_0 = ddpm_conv1x1(dim1, dim2)
         self.method = method
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -133,7 +135,7 @@ class ResnetBlockBigGAN(ResidualBranch):
         self._build_branch(in_ch, out_ch, temb_dim, dropout, init_scale, _groups)
         self.shortcut = in_ch != out_ch or up or down
         if self.shortcut:
-            self.Conv_2 = _conv1x1(in_ch, out_ch)
+            self.Conv_2 = ddpm_conv1x1(in_ch, out_ch)
         self.up, self.down, self.fir, self.fir_kernel = up, down, fir, tuple(fir_kernel)
         self.skip_rescale = skip_rescale
 
@@ -150,7 +152,7 @@ class ResnetBlockBigGAN(ResidualBranch):
         h = self._add_temb_and_finish(self.Conv_0(h), temb)
         if self.shortcut:
             x = self.Conv_2(x)
-        return _skip_sum(x, h, self.skip_rescale)
+        return skip_sum(x, h, self.skip_rescale)
 
 
 # --------------------------------------------------------------------------- the network
@@ -263,7 +265,8 @@ class NCSNpp(nn.Module):
 
     def _out_conv(self, in_ch: int, out_ch: int) -> list[nn.Module]:
         """GroupNorm + 3x3 conv (init scale ``init_scale``): an output head."""
-        return [_group_norm(in_ch, _groups), _conv3x3(in_ch, out_ch, init_scale=self._init_scale)]
+        return [group_norm(in_ch, _groups),
+                ddpm_conv3x3(in_ch, out_ch, init_scale=self._init_scale)]
 
     def _embedding_modules(self, fourier_scale: float) -> list[nn.Module]:
         nf, modules = self.nf, []
@@ -271,21 +274,21 @@ class NCSNpp(nn.Module):
             modules.append(GaussianFourierProjection(2 * nf, scale=fourier_scale))
         if self.conditional:
             in_dim = 2 * nf if self.embedding_type == "fourier" else nf
-            modules += [_dense(in_dim, 4 * nf), _dense(4 * nf, 4 * nf)]
+            modules += [dense(in_dim, 4 * nf), dense(4 * nf, 4 * nf)]
         return modules
 
     def _encoder_modules(self, modules: list[nn.Module]) -> list[int]:
         """Append the first conv and the downsampling path; return the skip channel counts."""
         nf, C = self.nf, self.num_channels
-        modules.append(_conv3x3(C, nf))
+        modules.append(ddpm_conv3x3(C, nf))
         skip_ch, in_ch, pyramid_ch = [nf], nf, C
         for level, mult in enumerate(self.ch_mult):
-            for _ in range(self.num_res_blocks):
-                modules.append(self._resnet(in_ch, nf * mult))
-                in_ch = nf * mult
-                if self.image_size // 2 ** level in self.attn_resolutions:
-                    modules.append(self._attn(in_ch))
-                skip_ch.append(in_ch)
+            level_modules, level_skips = down_level_modules(
+                self._resnet, self._attn, in_ch, nf * mult, self.num_res_blocks,
+                self.image_size // 2 ** level in self.attn_resolutions)
+            modules += level_modules
+            skip_ch += level_skips
+            in_ch = skip_ch[-1]
             if level == self.num_resolutions - 1:
                 break
             modules.append(self._resample(Downsample, in_ch) if self.resblock_type == "ddpm"
@@ -304,15 +307,14 @@ class NCSNpp(nn.Module):
         nf, C = self.nf, self.num_channels
         in_ch, pyramid_ch = skip_ch[-1], 0
         for level in reversed(range(self.num_resolutions)):
-            for _ in range(self.num_res_blocks + 1):
-                modules.append(self._resnet(in_ch + skip_ch.pop(), nf * self.ch_mult[level]))
-                in_ch = nf * self.ch_mult[level]
-            if self.image_size // 2 ** level in self.attn_resolutions:
-                modules.append(self._attn(in_ch))
+            modules += up_level_modules(self._resnet, self._attn, in_ch, nf * self.ch_mult[level],
+                                        skip_ch, self.num_res_blocks,
+                                        self.image_size // 2 ** level in self.attn_resolutions)
+            in_ch = nf * self.ch_mult[level]
             if self.progressive == "output_skip":
                 modules += self._out_conv(in_ch, C)
             elif self.progressive == "residual" and level == self.num_resolutions - 1:
-                modules += [_group_norm(in_ch, _groups), _conv3x3(in_ch, in_ch)]
+                modules += [group_norm(in_ch, _groups), ddpm_conv3x3(in_ch, in_ch)]
                 pyramid_ch = in_ch
             elif self.progressive == "residual":
                 modules.append(self._resample(Upsample, pyramid_ch, in_ch, with_conv=True))
@@ -354,11 +356,7 @@ class NCSNpp(nn.Module):
         pyramid = x
         hs = [next(mods)(x)]
         for level in range(self.num_resolutions):
-            for _ in range(self.num_res_blocks):
-                h = next(mods)(hs[-1], temb)
-                if h.shape[-1] in self.attn_resolutions:
-                    h = next(mods)(h)
-                hs.append(h)
+            down_level(mods, hs, temb, self.num_res_blocks, self.attn_resolutions)
             if level == self.num_resolutions - 1:
                 break
             h = next(mods)(hs[-1]) if self.resblock_type == "ddpm" else next(mods)(hs[-1], temb)
@@ -366,7 +364,7 @@ class NCSNpp(nn.Module):
                 pyramid = _down2(pyramid, self.fir, self.fir_kernel)
                 h = next(mods)(pyramid, h)
             elif self.progressive_input == "residual":
-                pyramid = h = _skip_sum(next(mods)(pyramid), h, self.skip_rescale)
+                pyramid = h = skip_sum(next(mods)(pyramid), h, self.skip_rescale)
             hs.append(h)
         return hs
 
@@ -374,10 +372,7 @@ class NCSNpp(nn.Module):
         """The upsampling path, the output pyramid and the head."""
         pyramid = None
         for level in reversed(range(self.num_resolutions)):
-            for _ in range(self.num_res_blocks + 1):
-                h = next(mods)(torch.cat([h, hs.pop()], dim=1), temb)
-            if h.shape[-1] in self.attn_resolutions:
-                h = next(mods)(h)
+            h = up_level(mods, h, hs, temb, self.num_res_blocks, self.attn_resolutions)
             if self.progressive == "output_skip":
                 out = _head(mods, h)
                 if pyramid is not None:
@@ -386,7 +381,7 @@ class NCSNpp(nn.Module):
             elif self.progressive == "residual" and pyramid is None:
                 pyramid = _head(mods, h)
             elif self.progressive == "residual":
-                pyramid = h = _skip_sum(next(mods)(pyramid), h, self.skip_rescale)
+                pyramid = h = skip_sum(next(mods)(pyramid), h, self.skip_rescale)
             if level != 0:
                 h = next(mods)(h) if self.resblock_type == "ddpm" else next(mods)(h, temb)
         assert not hs
@@ -408,9 +403,7 @@ class NCSNpp(nn.Module):
         mods = iter(self.all_modules)
         temb = self._embed(mods, cond, class_labels, x.dtype)
         hs = self._encode(mods, x, temb)
-        h = next(mods)(hs[-1], temb)
-        h = next(mods)(h)
-        h = next(mods)(h, temb)
+        h = middle_blocks(mods, hs[-1], temb)
         out = self._decode(mods, h, hs, temb)
         assert next(mods, None) is None
         return out

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import models
 import sde_lib
+from run_lib import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p for p in (ROOT / "configs").glob("*/*.py") if p.name != "__init__.py")
@@ -47,7 +47,7 @@ def test_config_builds_sde_and_loss(path):
     config = load(path)
     sde = sde_lib.build_sde(config)
     sde_lib.build_loss_fn(config, sde)
-    assert config.model.name in models.MODELS
+    assert config.model.name in compose.MODEL_ARGUMENTS
     config.to_json_best_effort()           # written to the work directory at start
 
 
@@ -55,7 +55,7 @@ def test_config_builds_sde_and_loss(path):
 def test_cifar_configs_build_the_published_models(path):
     config = load(path)
     with torch.device("meta"):             # counts without allocating 100M parameters
-        model = models.build_model(config)
+        model = compose.build_model(config)
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMS[name(path)]
     assert (config.data.name, config.data.image_size, config.data.num_channels) == ("cifar10", 32, 3)
 
@@ -64,10 +64,10 @@ def test_cifar_configs_build_the_published_models(path):
 def test_digits_configs_are_small_and_give_scores_of_the_image_shape(path):
     config = load(path)
     torch.manual_seed(0)
-    model = models.build_model(config)
+    model = compose.build_model(config)
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
     sde = sde_lib.build_sde(config)
-    score_fn = models.build_score_fn(config, sde, model.eval())
+    score_fn = compose.build_score_fn(config, sde, model.eval())
     x = torch.randn(3, 1, 8, 8)
     t = torch.tensor([0.01, 0.5, 1.0])
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """The DDPM U-Net (models/ddpm.py): the Score SDE checkpoint layout, shapes, conditioning,
-a short training run on a tiny config, and the checkpoint helpers.
+a short training run on a tiny config, the checkpoint helpers (models/checkpoints.py), and the
+scores of models.get_score_fn against the official get_score_fn for the same weights.
 
 The parameter count and the key names / shapes below are facts of the official PyTorch Score
 SDE code (yang-song/score_sde_pytorch, models/ddpm.py + models/layers.py) with its CIFAR-10
@@ -15,7 +16,9 @@ from ml_collections import ConfigDict
 
 import models
 import sde_lib
-from models.ddpm import AttnBlock
+from models.layers import AttnBlock
+from run_lib import compose
+from test_ncsnpp import fill_deterministic
 from testbed import check_class_conditioning, loss_before_and_after_training, perturb_zero_init
 
 OFFICIAL_NUM_PARAMS = 35_218_947
@@ -70,7 +73,7 @@ def tiny_config(**model_overrides):
 @pytest.fixture(scope="module")
 def official_model():
     torch.manual_seed(0)
-    return models.build_model(official_config())
+    return compose.build_model(official_config())
 
 
 def test_official_cifar10_parameter_count(official_model):
@@ -129,7 +132,7 @@ def test_attention_matches_einsum_reference():
 
 def test_time_conditioning_changes_output():
     torch.manual_seed(0)
-    model = models.build_model(tiny_config()).eval()
+    model = compose.build_model(tiny_config()).eval()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         at_init = model(x, torch.tensor([10, 900]))
@@ -144,8 +147,8 @@ def test_time_conditioning_changes_output():
 
 def test_class_conditioning_adds_one_embedding():
     torch.manual_seed(0)
-    plain = models.build_model(tiny_config())
-    model = models.build_model(tiny_config(num_classes=10)).eval()
+    plain = compose.build_model(tiny_config())
+    model = compose.build_model(tiny_config(num_classes=10)).eval()
     perturb_zero_init(model, scale=0.05)
     check_class_conditioning(plain, model, torch.randn(2, 3, 8, 8), torch.tensor([100, 100]),
                              num_classes=10, width=64, min_relative_change=1e-3)
@@ -153,7 +156,7 @@ def test_class_conditioning_adds_one_embedding():
 
 def test_tiny_ddpm_training_lowers_epsilon_loss():
     torch.manual_seed(0)
-    model = models.build_model(tiny_config())
+    model = compose.build_model(tiny_config())
     sde = sde_lib.VPSDE(N=100)
     loss_fn = sde_lib.get_loss_fn(sde, continuous=False)
     score_fn = models.get_score_fn(sde, model, continuous=False)
@@ -166,7 +169,7 @@ def test_tiny_ddpm_training_lowers_epsilon_loss():
 
 
 def test_wrong_shape_names_first_mismatching_key():
-    model = models.build_model(tiny_config())
+    model = compose.build_model(tiny_config())
     state = model.state_dict()
     first, later = "all_modules.3.Conv_0.weight", "all_modules.6.NIN_0.W"
     assert list(state).index(first) < list(state).index(later)
@@ -188,7 +191,7 @@ def test_converter_round_trip_from_score_sde_checkpoint():
     """An official-style checkpoint: DataParallel 'module.' keys plus the 'sigmas' buffer,
     inside the dict their save_checkpoint writes."""
     torch.manual_seed(0)
-    source = models.build_model(tiny_config())
+    source = compose.build_model(tiny_config())
     state = {"module." + k: v.clone() for k, v in source.state_dict().items()}
     state["module.sigmas"] = torch.linspace(50.0, 0.01, 1000)
     shadow = [p.detach() + 1.0 for p in source.parameters()]  # their EMA: a list, parameters()
@@ -196,7 +199,7 @@ def test_converter_round_trip_from_score_sde_checkpoint():
                                           "shadow_params": shadow},
                   "optimizer": {}, "step": 7}
     torch.manual_seed(1)
-    target = models.build_model(tiny_config())
+    target = compose.build_model(tiny_config())
     converted = models.convert_score_sde_state_dict(checkpoint)
     assert "sigmas" not in converted and not any(k.startswith("module.") for k in converted)
     target.load_state_dict(converted, strict=True)
@@ -213,12 +216,102 @@ def test_converter_round_trip_from_score_sde_checkpoint():
 
 
 def test_registry_and_bad_configs():
-    assert models.MODELS["ddpm"][0] is models.DDPM
+    assert models.MODELS["ddpm"] is models.DDPM
     with pytest.raises(ValueError, match="divisible"):
         models.DDPM(nf=16, ch_mult=(1, 2, 2, 2), image_size=12)
     with pytest.raises(ValueError, match=r"shape \(B, 3, 8, 8\)"):
-        models.build_model(tiny_config())(torch.zeros(1, 3, 16, 16), torch.zeros(1))
-    unconditional = models.build_model(tiny_config(conditional=False)).eval()
+        compose.build_model(tiny_config())(torch.zeros(1, 3, 16, 16), torch.zeros(1))
+    unconditional = compose.build_model(tiny_config(conditional=False)).eval()
     assert not any("Dense_0" in k for k in unconditional.state_dict())
     with torch.no_grad():
         assert unconditional(torch.zeros(1, 3, 8, 8), torch.zeros(1)).shape == (1, 3, 8, 8)
+
+
+# --------------------------------------------------------------------------- the official scores
+
+#: Scores of the official get_score_fn (yang-song/score_sde_pytorch at cb1f359, models/utils.py)
+#: with its DDPM (models/ddpm.py), in float64, for the tiny U-Net ``OFFICIAL_SCORE_MODEL`` with
+#: the weights of ``fill_deterministic`` (loaded there with strict=True, plus its ``sigmas``),
+#: x = randn(5, 3, 8, 8) (float64, generator seed 3) and one t per sample, ``OFFICIAL_SCORE_T``.
+#: Per case: (mean |score| per sample, score[:, 1, 3, 5]). Produced by running the official
+#: code from a checkout outside this repository, with two changes that let it run in float64
+#: and leave the conventions alone: its get_timestep_embedding computed in float64 (theirs
+#: casts the labels to float32) and VPSDE.sqrt_1m_alphas_cumprod recomputed in float64 (their
+#: table is float32; with it the VP discrete scores move by up to 2.6e-6 relative). Our
+#: scores equal these to ~2e-15 relative. Cases (their config names):
+#: vp_score_sde: VPSDE(0.1, 20, 1000), continuous=False; vp_continuous: continuous=True;
+#: ve_discrete: VESDE(0.01, 50, 1000), continuous=False, model.scale_by_sigma=True;
+#: ve_continuous: continuous=True, scale_by_sigma=False; ve_continuous_centered: the same with
+#: data.centered=False, for x.sigmoid() (their model computes 2 x - 1).
+OFFICIAL_SCORES = {
+    "vp_score_sde": ((3.171852557, 0.6090508409, 0.5153624261, 0.5089176164, 1.355512653),
+                     (0.1536846807, -2.284886551, -0.3519489801, -0.6094563404, -3.374470969)),
+    "vp_continuous": ((3.14757315, 0.6091990846, 0.5153659506, 0.5091579137, 1.350851726),
+                      (0.152508279, -2.285442696, -0.351951387, -0.6097441094, -3.362867858)),
+    "ve_discrete": ((33.77131964, 1.729166816, 0.02476724035, 0.6743472714, 17.54035115),
+                    (-17.94596591, 6.569874037, 0.01895812483, 0.7729824987, 31.91323248)),
+    "ve_continuous": ((0.5050547543, 0.5422776228, 0.5338782021, 0.4884070165, 0.4985027446),
+                      (-0.09585656707, 2.027523909, 0.3306839492, 0.2587325449, 1.183521944)),
+    "ve_continuous_centered": (
+        (0.5191224275, 0.503652004, 0.5477437078, 0.5133481934, 0.4881704726),
+        (-0.4900282276, 1.544539651, 0.726699169, -0.2936403204, 1.10678645)),
+}
+#: Off the grid t_i = i / 999 (0.05, 0.4, 0.9), on it (500 / 999), and 126 / 999, whose float64
+#: product t * 999 is 125.99999999999999: the official floor takes level 125 there.
+OFFICIAL_SCORE_T = (0.05, 0.4, 0.9, 500 / 999, 126 / 999)
+#: ch_mult (1, 2) with nf=64: every GroupNorm has 32 groups, as in the official DDPM.
+OFFICIAL_SCORE_MODEL = dict(nf=64, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                            dropout=0.1, image_size=8, num_channels=3)
+
+
+@pytest.fixture(scope="module")
+def official_checkpoint_model():
+    """The tiny DDPM in float64, loaded from an official-style checkpoint (DataParallel
+    'module.' keys and the 'sigmas' buffer) through convert_score_sde_state_dict."""
+    source = models.DDPM(**OFFICIAL_SCORE_MODEL).double()
+    fill_deterministic(source)
+    checkpoint = {"model": {"module." + k: v for k, v in source.state_dict().items()}}
+    checkpoint["model"]["module.sigmas"] = torch.ones(1000, dtype=torch.float64)
+    model = models.DDPM(**OFFICIAL_SCORE_MODEL).double().eval()
+    models.load_state_dict_strict(model, models.convert_score_sde_state_dict(checkpoint))
+    return model
+
+
+def _official_case(name, model):
+    """(score_fn, input) of one ``OFFICIAL_SCORES`` case, with our wrapper's options."""
+    vp, ve = sde_lib.VPSDE(0.1, 20.0, 1000), sde_lib.VESDE(0.01, 50.0, 1000)
+    x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    cases = {
+        "vp_score_sde": (vp, dict(continuous=False, discrete_labels="score_sde")),
+        "vp_continuous": (vp, dict(continuous=True)),
+        "ve_discrete": (ve, dict(continuous=False, scale_by_sigma=True)),
+        "ve_continuous": (ve, dict(continuous=True)),
+        "ve_continuous_centered": (ve, dict(continuous=True, center_input=True)),
+    }
+    sde, options = cases[name]
+    return models.get_score_fn(sde, model, **options), (x.sigmoid() if "centered" in name else x)
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL_SCORES))
+def test_scores_equal_official_get_score_fn(official_checkpoint_model, name):
+    score_fn, x = _official_case(name, official_checkpoint_model)
+    with torch.no_grad():
+        score = score_fn(x, torch.tensor(OFFICIAL_SCORE_T, dtype=torch.float64))
+    abs_mean, entries = (torch.tensor(v, dtype=torch.float64) for v in OFFICIAL_SCORES[name])
+    torch.testing.assert_close(score.abs().flatten(1).mean(1), abs_mean, rtol=1e-9, atol=0)
+    torch.testing.assert_close(score[:, 1, 3, 5], entries, rtol=1e-9, atol=0)
+
+
+def test_nearest_levels_differ_from_the_official_score_off_the_grid(official_checkpoint_model):
+    """The default discrete_labels='nearest' (label round(t (N - 1)), std there) is not the
+    official score off the grid: 1.8e-2, 2.7e-2 and 6.2e-3 relative at t = 0.05, 0.4, 0.9, and
+    7.0e-3 at 126 / 999 (floor vs round); on the grid (500 / 999) the two are one."""
+    sde = sde_lib.VPSDE(0.1, 20.0, 1000)
+    t = torch.tensor(OFFICIAL_SCORE_T, dtype=torch.float64)
+    x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.no_grad():
+        nearest = models.get_score_fn(sde, official_checkpoint_model, False)(x, t)
+        official = models.get_score_fn(sde, official_checkpoint_model, False,
+                                       discrete_labels="score_sde")(x, t)
+    relative = (nearest - official).flatten(1).norm(dim=1) / official.flatten(1).norm(dim=1)
+    assert (relative[[0, 1, 2, 4]] > 5e-3).all() and relative[3] < 1e-12, relative

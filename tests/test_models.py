@@ -14,6 +14,7 @@ from ml_collections import ConfigDict
 import models
 import run_lib
 import sde_lib
+from run_lib import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,10 +113,36 @@ def test_class_labels_reach_the_network():
     assert net.calls[0][1] is labels
 
 
+def test_score_sde_labels_are_fractional_with_the_std_at_the_floor():
+    """discrete_labels='score_sde' is the official get_score_fn (models/utils.py): VP label
+    t (N - 1) as a float and std = sqrt(1 - alphas_cumprod)[floor(t (N - 1))]; VE label
+    round((T - t)(N - 1)) and its sigma. 'nearest' rounds to one level for both."""
+    sde, x = sde_lib.VPSDE(N=50), torch.zeros(3, 2, dtype=torch.float64)
+    t = torch.tensor([0.3, 0.52, 1.0], dtype=torch.float64)    # t * 49 = 14.7, 25.48, 49
+    net = Recorder(torch.ones(3, 2))
+    score = models.get_score_fn(sde, net, False, discrete_labels="score_sde")(x, t)
+    torch.testing.assert_close(net.calls[0][0], t * 49)
+    std = torch.sqrt(1 - sde.alphas_cumprod[[14, 25, 49]])
+    torch.testing.assert_close(score, -1 / std[:, None].expand(3, 2))
+    models.get_score_fn(sde, net, False)(x, t)
+    assert net.calls[1][0].tolist() == [15, 25, 49]
+    ve = sde_lib.VESDE(sigma_min=0.01, sigma_max=1.0, N=50)
+    score = models.get_score_fn(ve, net, False, scale_by_sigma=True,
+                                discrete_labels="score_sde")(x, t)
+    assert net.calls[2][0].tolist() == [34, 24, 0]          # round((1 - t) 49)
+    torch.testing.assert_close(score, 1 / ve.discrete_sigmas[[15, 25, 49]][:, None].expand(3, 2))
+
+
 def test_wrapper_refuses_combinations_that_make_no_sense():
     net = Recorder(torch.zeros(1, 2))
-    with pytest.raises(ValueError, match="subVPSDE has no discrete"):
+    with pytest.raises(ValueError, match="subVPSDE has no discrete chain.*continuous=True"):
         models.get_score_fn(sde_lib.subVPSDE(), net, continuous=False)
+    with pytest.raises(ValueError, match="VPSDE has no discrete chain"):   # beta_max / N >= 1
+        models.get_score_fn(sde_lib.VPSDE(beta_max=20.0, N=10), net, continuous=False)
+    with pytest.raises(ValueError, match="discrete_labels.*nearest, score_sde"):
+        models.get_score_fn(sde_lib.VPSDE(), net, continuous=False, discrete_labels="floor")
+    with pytest.raises(ValueError, match="continuous must be True or False"):
+        models.get_score_fn(sde_lib.VPSDE(), net, continuous="no")
     with pytest.raises(ValueError, match="scale_by_sigma applies to VE"):
         models.get_score_fn(sde_lib.VPSDE(), net, scale_by_sigma=True)
     with pytest.raises(ValueError, match="time t has shape"):
@@ -166,13 +193,22 @@ def toy_config(sde_name: str, n_iters: int) -> ConfigDict:
     return config
 
 
-def test_build_model_from_config():
+def test_build_model_by_name_and_from_config():
+    """models.build_model takes a name and keywords; the config is read by run_lib.compose."""
+    model = models.build_model("mlp", data_shape=(3,), hidden_dim=8, num_blocks=1)
+    assert isinstance(model, models.MLPScoreNet) and model.data_shape == (3,)
+    assert models.MODELS["ddpm"] is models.DDPM and models.MODELS["ncsnpp"] is models.NCSNpp
+    with pytest.raises(ValueError, match="valid model names: mlp, ddpm, ncsnpp, ncsn, ncsnv2"):
+        models.build_model("unet9000")
     config = toy_config("vpsde", 1)
-    model = models.build_model(config)
-    assert isinstance(model, models.MLPScoreNet) and model.data_shape == (2,)
-    config.model.name = "unet9000"
-    with pytest.raises(ValueError, match="valid names: mlp"):
+    with pytest.raises(TypeError, match=r"run_lib\.compose\.build_model\(config\)"):
         models.build_model(config)
+    model = compose.build_model(config)
+    assert isinstance(model, models.MLPScoreNet) and model.data_shape == (2,)
+    assert compose.data_shape(config) == (2,)
+    config.model.name = "unet9000"
+    with pytest.raises(ValueError, match="unet9000"):
+        compose.build_model(config)
 
 
 @pytest.mark.parametrize("sde_name, max_error", [("vpsde", 0.1), ("vesde", 0.25)])
@@ -187,9 +223,9 @@ def test_training_moves_the_score_toward_the_exact_one(tmp_path, sde_name, max_e
     assert metrics["relative_score_error"] < max_error, metrics
     assert metrics["loss"] < 1.25 * metrics["exact_score_loss"], metrics
 
-    untrained = models.build_model(config)
-    sde = sde_lib.build_sde(config)
-    error = run_lib.relative_score_error(models.build_score_fn(config, sde, untrained),
+    untrained = compose.build_model(config)
+    sde = compose.build_sde(config)
+    error = run_lib.relative_score_error(compose.build_score_fn(config, sde, untrained),
                                          sde_lib.toy_distribution("eight_modes"), sde,
                                          num_samples=4096,
                                          generator=torch.Generator().manual_seed(0))
@@ -239,7 +275,7 @@ def test_main_train_mode_end_to_end(tmp_path):
 
 def test_center_input_feeds_the_network_2x_minus_1():
     """Data in [0, 1]: the network sees 2x - 1 (what the Score SDE networks do inside forward);
-    build_score_fn switches it on from config.data.centered."""
+    compose.build_score_fn switches it on from config.data.centered."""
     seen = []
 
     def net(h, cond):
@@ -255,5 +291,5 @@ def test_center_input_feeds_the_network_2x_minus_1():
     assert torch.equal(plain, centered)   # the output is used unchanged
     config = ConfigDict(dict(training=dict(continuous=True), model=dict(scale_by_sigma=False),
                              data=dict(centered=False)))
-    models.build_score_fn(config, sde, net)(x, t)
+    compose.build_score_fn(config, sde, net)(x, t)
     assert torch.allclose(seen[2], 2 * x - 1)

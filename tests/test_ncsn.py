@@ -33,6 +33,7 @@ import models
 import sde_lib
 from models.ncsn import NCSN, NCSNv2
 from models.normalization import ConditionalInstanceNorm2dPlus, InstanceNorm2dPlus
+from run_lib import compose
 from testbed import check_class_conditioning, loss_before_and_after_training
 
 OFFICIAL = {  # variant -> (parameter count, state-dict entries without sigmas)
@@ -106,7 +107,7 @@ def _config(name="ncsn", *, image_size=32, num_scales=10, **model):
 
 
 def _tiny(name="ncsn", **model):
-    return models.build_model(_config(name, image_size=8, **dict(dict(nf=8), **model)))
+    return compose.build_model(_config(name, image_size=8, **dict(dict(nf=8), **model)))
 
 
 def _build(variant, **kwargs):
@@ -375,11 +376,11 @@ def test_registry_reads_official_config_names():
     assert isinstance(model, NCSN) and model.num_scales == 10
     assert model.normalizer.embed.num_embeddings == 10
     cfg = _config("ncsn", image_size=8, num_scales=4, nf=8)
-    assert models.build_model(cfg).normalizer.embed.num_embeddings == 4  # config.sde.num_scales
-    assert models.build_model(_config("ncsnv2", image_size=8, nf=8)).arch == "ncsnv2_64"
+    assert compose.build_model(cfg).normalizer.embed.num_embeddings == 4  # config.sde.num_scales
+    assert compose.build_model(_config("ncsnv2", image_size=8, nf=8)).arch == "ncsnv2_64"
     with torch.device("meta"):
-        assert models.build_model(_config("ncsnv2", image_size=128, nf=8)).arch == "ncsnv2_128"
-        assert models.build_model(_config("ncsnv2_256", image_size=32, nf=8)).arch == "ncsnv2_256"
+        assert compose.build_model(_config("ncsnv2", image_size=128, nf=8)).arch == "ncsnv2_128"
+        assert compose.build_model(_config("ncsnv2_256", image_size=32, nf=8)).arch == "ncsnv2_256"
     with pytest.raises(ValueError, match="normalization='GroupNorm'.*InstanceNorm\\+\\+"):
         _tiny("ncsn", normalization="GroupNorm")
     with pytest.raises(ValueError, match="nonlinearity='gelu'.*elu"):

@@ -26,7 +26,7 @@ configs/vp/cifar10_ddpmpp{,_deep}_continuous.py):
 * the official pipeline for a VE checkpoint (uncentered [0, 1] data, ``scale_by_sigma``)
   equals ours as ``model(2 x - 1, sigma) / sigma`` (checked on the CIFAR-10 NCSN++ model).
 * ``GOLDEN`` holds a few outputs of the official tiny 8x8 models filled with the
-  deterministic weights of ``_fill_deterministic``; the tests recompute them here.
+  deterministic weights of ``fill_deterministic``; the tests recompute them here.
 
 Two layers of the official PyTorch code cannot run as published: the FIR ``Upsample`` with a
 conv (``w[..., ::-1, ::-1]`` on a tensor, then a 4-element stride for conv_transpose2d) and
@@ -44,6 +44,7 @@ from ml_collections import ConfigDict
 import models
 import sde_lib
 from models.ncsnpp import NCSNpp
+from run_lib import compose
 from testbed import check_class_conditioning, loss_before_and_after_training, perturb_zero_init
 
 #: name -> (config.model overrides of the NCSN++ config, parameters, state-dict entries).
@@ -148,7 +149,7 @@ def _cond(model, batch):
     return torch.tensor((values * batch)[:batch])
 
 
-def _fill_deterministic(model, seed=0):
+def fill_deterministic(model, seed=0):
     """The weights behind ``GOLDEN``: for each state-dict entry in order, a float64 N(0, 1)
     draw r; 16 r for the Fourier W, r / sqrt(fan in) for matrices and kernels, 1 + 0.1 r for
     1-D weights (GroupNorm), 0.1 r for biases."""
@@ -194,7 +195,7 @@ def test_official_parameter_counts_and_keys(name):
     """
     _, num_params, num_entries = OFFICIAL[name]
     torch.manual_seed(0)
-    model = models.build_model(official_config(name))
+    model = compose.build_model(official_config(name))
     assert sum(p.numel() for p in model.parameters()) == num_params
     state = model.state_dict()
     assert len(state) == num_entries
@@ -212,12 +213,12 @@ def test_official_parameter_counts_and_keys(name):
 
 @pytest.mark.parametrize("name", list(GOLDEN))
 def test_outputs_equal_official_for_the_same_weights(name):
-    """Tiny 8x8 models with the deterministic weights of ``_fill_deterministic`` reproduce
+    """Tiny 8x8 models with the deterministic weights of ``fill_deterministic`` reproduce
     the official model's outputs (``GOLDEN``, computed with the official code)."""
     base, _, _ = name.partition("/")
     overrides, (mean, abs_mean, pixel) = GOLDEN[name]
-    model = models.build_model(tiny_config(base, **overrides)).eval()
-    _fill_deterministic(model)
+    model = compose.build_model(tiny_config(base, **overrides)).eval()
+    fill_deterministic(model)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         y = model(x, _cond(model, 2)).double()
@@ -240,8 +241,8 @@ def test_output_shape_equals_input_shape(name, size):
     """At 32x32 with the CIFAR-10 ch_mult / attention (nf=16), and at 8x8 (two levels)."""
     overrides = dict(ch_mult=(1, 2, 2, 2), attn_resolutions=(16,)) if size == 32 else {}
     torch.manual_seed(0)
-    model = models.build_model(_variant(name, image_size=size, **overrides)).eval()
-    _fill_deterministic(model)
+    model = compose.build_model(_variant(name, image_size=size, **overrides)).eval()
+    fill_deterministic(model)
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
         y = model(x, _cond(model, 1))
@@ -262,7 +263,7 @@ def test_option_grid_shapes():
                                       progressive_input=progressive_input,
                                       progressive_combine=combine, fir=fir,
                                       resamp_with_conv=with_conv)
-                    model = models.build_model(cfg).eval()
+                    model = compose.build_model(cfg).eval()
                     with torch.no_grad():
                         y = model(torch.randn(1, 3, 16, 16), torch.tensor([1.0]))
                     assert y.shape == (1, 3, 16, 16), cfg.model
@@ -276,7 +277,7 @@ def test_option_grid_shapes():
 def test_noise_conditioning_changes_output():
     torch.manual_seed(0)
     for name in ("ncsnpp", "ddpmpp"):
-        model = models.build_model(tiny_config(name)).eval()
+        model = compose.build_model(tiny_config(name)).eval()
         x = torch.randn(2, 3, 8, 8)
         with torch.no_grad():
             assert model(x, _cond(model, 2)).abs().max() < 1e-4  # ~0 output conv at init
@@ -285,18 +286,18 @@ def test_noise_conditioning_changes_output():
             b = model(x, _cond(model, 2)[1:].expand(2))
         assert (a - b).abs().mean() > 1e-2 * a.abs().mean(), name
     with pytest.raises(ValueError, match="log sigma"):
-        models.build_model(tiny_config())(x, torch.tensor([3, 4]))
+        compose.build_model(tiny_config())(x, torch.tensor([3, 4]))
 
 
 def test_class_conditioning_adds_one_embedding():
     torch.manual_seed(0)
-    plain = models.build_model(tiny_config())
-    model = models.build_model(tiny_config(num_classes=10)).eval()
+    plain = compose.build_model(tiny_config())
+    model = compose.build_model(tiny_config(num_classes=10)).eval()
     perturb_zero_init(model, scale=0.1)
     check_class_conditioning(plain, model, torch.randn(2, 3, 8, 8), torch.tensor([1.0, 1.0]),
                              num_classes=10, width=64, min_relative_change=1e-2)
     with pytest.raises(ValueError, match="conditional=True"):
-        models.build_model(tiny_config(num_classes=10, conditional=False))
+        compose.build_model(tiny_config(num_classes=10, conditional=False))
 
 
 @pytest.mark.parametrize("name,sde,continuous", [
@@ -310,7 +311,7 @@ def test_tiny_training_lowers_dsm_loss(name, sde, continuous):
     embedding of the level label)."""
     torch.manual_seed(0)
     cfg = tiny_config(name, dropout=0.0)
-    model = models.build_model(cfg)
+    model = compose.build_model(cfg)
     loss_fn = sde_lib.get_loss_fn(sde, continuous=continuous, reduce_mean=True)
     score_fn = models.get_score_fn(sde, model, continuous=continuous,
                                    scale_by_sigma=isinstance(sde, sde_lib.VESDE))
@@ -322,7 +323,7 @@ def test_tiny_training_lowers_dsm_loss(name, sde, continuous):
 
 
 def test_wrong_shape_names_first_mismatching_key():
-    model = models.build_model(tiny_config())
+    model = compose.build_model(tiny_config())
     state = model.state_dict()
     first, later = "all_modules.3.weight", "all_modules.6.Conv2d_0.weight"  # input pyramid
     assert list(state).index(first) < list(state).index(later)
@@ -337,7 +338,7 @@ def test_converter_round_trip_from_official_checkpoint():
     """{'model', 'ema', 'optimizer', 'step'} with 'module.' keys and the 'sigmas' buffer; the
     official EMA list holds the requires_grad parameters only (not the Fourier W)."""
     torch.manual_seed(0)
-    source = models.build_model(tiny_config())
+    source = compose.build_model(tiny_config())
     state = {"module." + k: v.clone() for k, v in source.state_dict().items()}
     state["module.sigmas"] = torch.exp(torch.linspace(math.log(50.0), math.log(0.01), 1000))
     shadow = [p.detach() + 1.0 for p in source.parameters() if p.requires_grad]
@@ -346,7 +347,7 @@ def test_converter_round_trip_from_official_checkpoint():
                                           "shadow_params": shadow},
                   "optimizer": {}, "step": 7}
     torch.manual_seed(1)
-    target = models.build_model(tiny_config())
+    target = compose.build_model(tiny_config())
     converted = models.convert_score_sde_state_dict(checkpoint)
     assert "sigmas" not in converted and not any(k.startswith("module.") for k in converted)
     models.load_state_dict_strict(target, converted)
@@ -365,8 +366,8 @@ def test_converter_round_trip_from_official_checkpoint():
 def test_bfloat16_autocast_close_to_float32():
     """bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2% per operation); through
     ~20 layers with residual sums the relative RMS error measured 1.0%; allow 5%."""
-    model = models.build_model(tiny_config()).eval()
-    _fill_deterministic(model)
+    model = compose.build_model(tiny_config()).eval()
+    fill_deterministic(model)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = model(x, _cond(model, 2))
@@ -379,10 +380,10 @@ def test_bfloat16_autocast_close_to_float32():
 
 
 def test_channels_last_matches_contiguous():
-    model = models.build_model(tiny_config(name="ncsnpp", resblock_type="ddpm",
+    model = compose.build_model(tiny_config(name="ncsnpp", resblock_type="ddpm",
                                            progressive="output_skip",
                                            progressive_input="input_skip")).eval()
-    _fill_deterministic(model)
+    fill_deterministic(model)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = model(x, _cond(model, 2))
@@ -396,8 +397,8 @@ def test_channels_last_matches_contiguous():
 @pytest.mark.slow
 def test_torch_compile_matches_eager():
     """Slow: compiling took 275 s on the 2-core CPU test machine."""
-    model = models.build_model(tiny_config()).eval()
-    _fill_deterministic(model)
+    model = compose.build_model(tiny_config()).eval()
+    fill_deterministic(model)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = model(x, _cond(model, 2))
@@ -408,14 +409,14 @@ def test_torch_compile_matches_eager():
 
 
 def test_registry_and_bad_configs():
-    assert models.MODELS["ncsnpp"][0] is NCSNpp
+    assert models.MODELS["ncsnpp"] is NCSNpp
     with pytest.raises(ValueError, match="resblock_type='resnet'.*'ddpm', 'biggan'"):
-        models.build_model(tiny_config(resblock_type="resnet"))
+        compose.build_model(tiny_config(resblock_type="resnet"))
     with pytest.raises(ValueError, match="progressive_input='skip'"):
-        models.build_model(tiny_config(progressive_input="skip"))
+        compose.build_model(tiny_config(progressive_input="skip"))
     with pytest.raises(ValueError, match="divisible"):
-        models.build_model(tiny_config(image_size=10, ch_mult=(1, 2, 2)))
+        compose.build_model(tiny_config(image_size=10, ch_mult=(1, 2, 2)))
     with pytest.raises(ValueError, match="conv_size=5"):
-        models.build_model(tiny_config(conv_size=5))
+        compose.build_model(tiny_config(conv_size=5))
     with pytest.raises(ValueError, match=r"shape \(B, 3, 8, 8\)"):
-        models.build_model(tiny_config())(torch.zeros(1, 3, 16, 16), torch.ones(1))
+        compose.build_model(tiny_config())(torch.zeros(1, 3, 16, 16), torch.ones(1))
