@@ -7,7 +7,7 @@ import torch
 
 from sde_lib import SDE, check_bool, check_int, check_real
 
-from .harness import Harness, SampleResult
+from .harness import DATA_POINT, Harness, SampleResult
 
 __all__ = ["ald_sample", "check_ald_options"]
 
@@ -50,5 +50,5 @@ def ald_sample(score_fn: Callable, sde: SDE, shape, *, n_steps_each: int = 100,
             run.step(k, x, points[k])
         if denoise:
             x = run.schedule.denoise(x, points[-1])       # x + sigma_min^2 s (alpha = 1)
-            run.step(sde.N, x, points[-1], denoised=x)
+            run.step(sde.N, x, DATA_POINT, denoised=x)
         return run.result(x)

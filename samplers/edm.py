@@ -50,13 +50,9 @@ import torch
 from sde_lib import SDE, check_bool, check_choice, check_int, check_real
 
 from .fast import SPACINGS, timesteps
-from .harness import Harness, SampleResult, SchedulePoint, check_eps
+from .harness import DATA_POINT, Harness, SampleResult, check_eps
 
 __all__ = ["edm_sample", "edm_sigmas", "check_edm_options"]
-
-#: The point sigma = 0 (t = 0, alpha = 1) that the last step reaches.
-_DATA = SchedulePoint(t=0.0, alpha=1.0, std=0.0, lam=math.inf)
-
 
 def edm_sigmas(sde: SDE, num_steps: int, *, spacing: str = "karras", rho: float = 7.0,
                eps: float = 1e-3, device=None) -> torch.Tensor:
@@ -115,7 +111,7 @@ def edm_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 18,
         churn = _churn(sigmas[:-1], num_steps, s_churn, s_tmin, s_tmax, s_noise)
         t_hat, hat = run.points(run.schedule.t_from_sigma(churn[0]))       # line 5
         t_next, nxt = run.points(run.schedule.t_from_sigma(sigmas[1:-1]))  # sigma_1..sigma_{N-1}
-        nxt.append(_DATA)
+        nxt.append(DATA_POINT)
         noise_scale = churn[1].tolist()
         x = run.x / run.points(run.schedule.t_from_sigma(sigmas[:1]))[1][0].alpha   # x_ve at sigma_0
         for i in range(last + 1):                                          # line 3

@@ -20,7 +20,7 @@ import torch
 
 from sde_lib import SCHEDULE_DTYPE, SDE, check_bool, check_choice, check_int, check_real
 
-from .harness import Harness, SampleResult, Schedule, SchedulePoint, check_eps
+from .harness import DATA_POINT, Harness, SampleResult, Schedule, SchedulePoint, check_eps
 
 __all__ = ["timesteps", "ddim_sample", "dpm_solver_sample", "check_ddim_options",
            "check_dpm_solver_options", "ExponentialStep", "combine", "model_output", "singlestep_2", "singlestep_3",
@@ -207,7 +207,7 @@ def final_denoise(run: Harness, x: torch.Tensor, eps: float, step: int) -> torch
     more score evaluation)."""
     point = run.schedule.at(torch.tensor(eps, dtype=SCHEDULE_DTYPE, device=run.x.device))
     x0 = run.schedule.denoise(x, point)
-    run.step(step, x0, None, denoised=x0)
+    run.step(step, x0, DATA_POINT, denoised=x0)
     return x0
 
 

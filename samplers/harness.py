@@ -48,7 +48,7 @@ from sde_lib import SCHEDULE_DTYPE, SDE, append_dims, check_int
 
 __all__ = ["SampleResult", "CountingScore", "SchedulePoint", "Schedule", "Harness",
            "HARNESS_OPTIONS", "initial_state", "progress_bar", "std_normal_like", "check_eps",
-           "time_grid", "check_generator", "Sampler"]
+           "time_grid", "check_generator", "Sampler", "DATA_POINT"]
 
 log = logging.getLogger("samplers")
 
@@ -110,6 +110,11 @@ class SchedulePoint:
         the coefficients of a sampler's loop."""
         rows = torch.stack([self.t, self.alpha, self.std, self.lam]).tolist()
         return [SchedulePoint(*values) for values in zip(*rows)]
+
+
+#: The data end of every schedule (t = 0, alpha = 1, std = sigma = 0): where the final
+#: denoising step of a sampler puts its output.
+DATA_POINT = SchedulePoint(t=0.0, alpha=1.0, std=0.0, lam=math.inf)
 
 
 class Schedule:
