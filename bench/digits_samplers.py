@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 
 import samplers  # noqa: E402
 import sde_lib  # noqa: E402
+from run_lib import compose  # noqa: E402
 from run_lib.datasets import load_digits_images  # noqa: E402
 from run_lib.images import to_uint8  # noqa: E402
 from samplers.metrics import frechet_distance  # noqa: E402
@@ -282,7 +283,7 @@ def main(argv=None):
         pc_sde = None
         if args.pc_steps:
             config.sde.num_scales = args.pc_steps
-            pc_sde = sde_lib.build_sde(config)
+            pc_sde = compose.build_sde(config)
         for name, budget, fn in sampler_cases(budgets, pc_sde):
             if name in skip:
                 continue

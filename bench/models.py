@@ -120,7 +120,7 @@ def build(name: str, device: torch.device, channels_last: bool, seed: int = 0,
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return config, sde_lib.build_sde(config), model
+    return config, compose.build_sde(config), model
 
 
 def inputs(config, sde, batch: int, device: torch.device, channels_last: bool, seed: int = 1):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import samplers
 import sde_lib
 from run_lib import compose
 
@@ -45,10 +46,22 @@ def test_every_cifar_config_is_checked():
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=name)
 def test_config_builds_sde_and_loss(path):
     config = load(path)
-    sde = sde_lib.build_sde(config)
-    sde_lib.build_loss_fn(config, sde)
+    sde = compose.build_sde(config)
+    compose.build_loss_fn(config, sde)
     assert config.model.name in compose.MODEL_ARGUMENTS
     config.to_json_best_effort()           # written to the work directory at start
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=name)
+def test_config_sampling_groups_are_the_registry_and_valid(path):
+    """config.sampling has one group per registered sampler with exactly its options, and
+    the default sampler's options are valid for the config's SDE."""
+    config = load(path)
+    sde = compose.build_sde(config)
+    for sampler_name, sampler in samplers.SAMPLERS.items():
+        assert set(config.sampling[sampler_name]) == set(sampler.defaults), sampler_name
+    name_, options = compose.sampler_options(config)
+    samplers.SAMPLERS[name_].options(sde, options)
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIG_FILES if p.stem.endswith("_cifar")], ids=name)
@@ -66,7 +79,7 @@ def test_digits_configs_are_small_and_give_scores_of_the_image_shape(path):
     torch.manual_seed(0)
     model = compose.build_model(config)
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
-    sde = sde_lib.build_sde(config)
+    sde = compose.build_sde(config)
     score_fn = compose.build_score_fn(config, sde, model.eval())
     x = torch.randn(3, 1, 8, 8)
     t = torch.tensor([0.01, 0.5, 1.0])
