@@ -220,14 +220,14 @@ def sample(config, workdir, *, method: str | None = None, progress: bool = True,
     """Sample the EMA weights of ``workdir`` (or ``checkpoint``) with ``method`` (default
     config.sampling.method) and its options config.sampling.<method>.
 
-    Writes config.json, then the samples (``save_samples``), then samples_<method>.json:
-    ``draw_samples``' metrics and ``sample_quality``'s. Seeded by config.seed: the same
-    config gives the same samples on the CPU."""
+    Loads the checkpoint, then writes config.json, the samples (``save_samples``) and
+    samples_<method>.json (``draw_samples``' metrics and ``sample_quality``'s), in that
+    order. Seeded by config.seed: the same config gives the same samples on the CPU."""
     workdir = Path(workdir)
     device = pick_device(config.get("device", "auto"))
     method, _ = compose.sampler_options(config, method)
-    write_config(config, workdir)
     run = load_score_fn(config, workdir, device, checkpoint=checkpoint)
+    write_config(config, workdir)       # after a successful load: nothing written on errors
     x, labels, metrics = draw_samples(config, run, method, device=device, progress=progress)
     save_samples(config, workdir, method, x, labels, step=run.step)
     metrics.update(sample_quality(config, x))
@@ -322,14 +322,15 @@ def _exact_likelihood(config, run: LoadedRun, test, device, progress: bool) -> d
 def likelihood(config, workdir, *, progress: bool = True, checkpoint: str | None = None) -> dict:
     """Log-likelihood of the test split through the probability-flow ODE with the EMA
     weights, with config.eval's options (``ode_options``), in batches of
-    config.eval.batch_size. Writes config.json, then likelihood.json: bits/dim with its
-    standard error and the Gaussian-fit baseline for 8-bit images; NLL in nats next to the
-    true NLL for data with a closed-form density; NFE per batch, seconds, the settings."""
+    config.eval.batch_size. Writes config.json (once the checkpoint and the test split have
+    loaded), then likelihood.json: bits/dim with its standard error and the Gaussian-fit
+    baseline for 8-bit images; NLL in nats next to the true NLL for data with a closed-form
+    density; NFE per batch, seconds, the settings."""
     workdir = Path(workdir)
     device = pick_device(config.get("device", "auto"))
-    write_config(config, workdir)
     run = load_score_fn(config, workdir, device, checkpoint=checkpoint)
     test = build_dataset(config, "test")
+    write_config(config, workdir)       # after the checkpoint and data load
     measure = _exact_likelihood if test.density is not None else _image_likelihood
     result = measure(config, run, test, device, progress)
     options = ode_options(config)

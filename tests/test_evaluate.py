@@ -84,6 +84,10 @@ def test_sample_uses_the_ema_weights(trained):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="run --mode train"):
         evaluate.load_score_fn(tiny_config(), tmp_path, "cpu")
+    for mode in (evaluate.sample, evaluate.likelihood):      # and nothing is written
+        with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+            mode(tiny_config(), tmp_path / "empty", progress=False)
+        assert not (tmp_path / "empty").exists()
 
 
 def test_likelihood_images_json(trained):
