@@ -55,22 +55,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 
 import samplers  # noqa: E402
 import sde_lib  # noqa: E402
-from samplers.common import CountingScore  # noqa: E402
+from samplers.harness import CountingScore  # noqa: E402
 from samplers.metrics import frechet_distance  # noqa: E402
 from sde_lib import SCHEDULE_DTYPE, append_dims  # noqa: E402
 
-try:  # being written in samplers/ode.py and samplers/likelihood.py; rows skipped until then
-    from samplers.ode import ode_sample
-except ImportError:
-    ode_sample = None
-try:
-    from samplers.likelihood import log_likelihood
-except ImportError:
-    log_likelihood = None
-try:  # samplers/fast.py: DDIM and DPM-Solver(++); rows skipped if absent
-    from samplers.fast import ddim_sample, dpm_solver_sample
-except ImportError:
-    ddim_sample = dpm_solver_sample = None
+from samplers import ddim_sample, dpm_solver_sample, log_likelihood, ode_sample  # noqa: E402
 
 F64 = torch.float64
 DIM = 64
@@ -153,9 +142,9 @@ class KDiffusionDenoiser:
 def unit_gaussian_score(sde):
     """The trivial score for overhead timings: the exact score of N(0, I) data, -x / (alpha^2
     + std^2) (= -x for VP); stable for every SDE and sampler, unlike -x for VE."""
-    def score(x, t):
+    def score(x, t):          # one pass over x, like the denoiser below
         alpha, std = sde.marginal_coeffs(t)
-        return -x / append_dims((alpha ** 2 + std ** 2).to(x.dtype), x.ndim)
+        return x * append_dims((-1.0 / (alpha ** 2 + std ** 2)).to(x.dtype), x.ndim)
     return score
 
 
@@ -330,11 +319,11 @@ def our_cases(dist, make_sde, N: int, ald_steps_each: int, shape, dtype, device,
                     unit_gaussian_score(sde), budget)
 
     sde = make_sde(N)
-    discrete = not isinstance(sde, sde_lib.subVPSDE)      # VP and VE have a discrete chain
+    discrete = sde.has_discrete_chain                      # VP and VE have a discrete chain
     cases = [pc(sde, "reverse_diffusion", "langevin"), pc(sde, "euler_maruyama", "none")]
     if discrete:
         cases.append(pc(sde, "ancestral_sampling", "langevin"))
-    if isinstance(sde, sde_lib.VESDE):                     # NCSN: 10 levels, n steps each
+    if sde.keeps_data_scale:                               # NCSN (VE): 10 levels, n steps each
         levels = sde_lib.VESDE(sigma_min=sde.sigma_min, sigma_max=sde.sigma_max, N=10)
 
         def ald(score_fn, seed):
@@ -344,8 +333,7 @@ def our_cases(dist, make_sde, N: int, ald_steps_each: int, shape, dtype, device,
             return r.x, r.nfe
         cases.append(Case("ours", "ald", f"10 levels x {ald_steps_each}", 10 * ald_steps_each + 1,
                           ald, dist.score_fn(levels), unit_gaussian_score(levels)))
-    if ode_sample is not None:
-        cases.append(ode(sde, "dopri5"))
+    cases.append(ode(sde, "dopri5"))
     matched = []
     for budget in budgets:
         small = make_sde(budget)
@@ -354,28 +342,27 @@ def our_cases(dist, make_sde, N: int, ald_steps_each: int, shape, dtype, device,
         if discrete:
             matched.append(pc(small, "ancestral_sampling", "none", budget))
         matched.append(pc(make_sde(budget // 2), "reverse_diffusion", "langevin", budget))
-        if ode_sample is not None:     # + 1 NFE for the final Tweedie denoising step
-            matched += [ode(sde, "euler", budget - 1, budget),
-                        ode(sde, "heun2", (budget - 1) // 2, budget)]
-        if dpm_solver_sample is not None:  # NFE = steps (x 3 for 3S) + 1 (final Tweedie step)
-            n = budget - 1
-            matched += [
-                fast(sde, "ddim eta=0 logsnr", n, budget, eta=0.0, spacing="logsnr"),
-                fast(sde, "dpm++ 2M logsnr", n, budget, order=2, multistep=True),
-                fast(sde, "dpm++ 3M logsnr", n, budget, order=3, multistep=True),
-                # the default lowers the last multistep orders below 15 steps (official code)
-                fast(sde, "dpm++ 2M logsnr, lower_order_final off", n, budget, order=2,
-                     multistep=True, lower_order_final=False),
-                fast(sde, "dpm++ 3M logsnr, lower_order_final off", n, budget, order=3,
-                     multistep=True, lower_order_final=False),
-                fast(sde, "dpm++ 3S logsnr", (budget - 1) // 3, budget, order=3,
-                     multistep=False),
-                fast(sde, "dpm 2M logsnr (noise pred.)", n, budget, order=2, multistep=True,
-                     algorithm="dpmsolver"),
-                # lower_order_final off: then it is k-diffusion's sample_dpmpp_2m exactly
-                # (same grid, update and final step), a check of the adapter
-                fast(sde, "dpm++ 2M karras, lower_order_final off", n, budget, order=2,
-                     multistep=True, spacing="karras", lower_order_final=False)]
+        # + 1 NFE for the final Tweedie denoising step
+        matched += [ode(sde, "euler", budget - 1, budget),
+                    ode(sde, "heun2", (budget - 1) // 2, budget)]
+        n = budget - 1          # NFE = steps (x 3 for 3S) + 1 (final Tweedie step)
+        matched += [
+            fast(sde, "ddim eta=0 logsnr", n, budget, eta=0.0, spacing="logsnr"),
+            fast(sde, "dpm++ 2M logsnr", n, budget, order=2, multistep=True),
+            fast(sde, "dpm++ 3M logsnr", n, budget, order=3, multistep=True),
+            # the default lowers the last multistep orders below 15 steps (official code)
+            fast(sde, "dpm++ 2M logsnr, lower_order_final off", n, budget, order=2,
+                 multistep=True, lower_order_final=False),
+            fast(sde, "dpm++ 3M logsnr, lower_order_final off", n, budget, order=3,
+                 multistep=True, lower_order_final=False),
+            fast(sde, "dpm++ 3S logsnr", (budget - 1) // 3, budget, order=3,
+                 multistep=False),
+            fast(sde, "dpm 2M logsnr (noise pred.)", n, budget, order=2, multistep=True,
+                 algorithm="dpmsolver"),
+            # lower_order_final off: then it is k-diffusion's sample_dpmpp_2m exactly
+            # (same grid, update and final step), a check of the adapter
+            fast(sde, "dpm++ 2M karras, lower_order_final off", n, budget, order=2,
+                 multistep=True, spacing="karras", lower_order_final=False)]
     return cases, matched
 
 
@@ -416,11 +403,10 @@ def likelihood_rows(ks, dist, sde_name, sde, n_points, tol, device):
     truth = dist.marginal_log_prob(sde, x, eps)
     score_fn = dist.score_fn(sde)
     runs = {}
-    if log_likelihood is not None:
-        for trace in ("exact", "hutchinson"):
-            runs[f"ours {trace}"] = lambda trace=trace: (lambda r: (r.logp, r.nfe))(log_likelihood(
-                score_fn, sde, x, trace=trace, rtol=tol, atol=tol, eps=eps,
-                generator=generator(8, device)))
+    for trace in ("exact", "hutchinson"):
+        runs[f"ours {trace}"] = lambda trace=trace: (lambda r: (r.logp, r.nfe))(log_likelihood(
+            score_fn, sde, x, trace=trace, rtol=tol, atol=tol, eps=eps,
+            generator=generator(8, device)))
     if ks is not None:
         # k-diffusion returns log p of x_ve = x / alpha(eps) in VE space at sigma(eps), with the
         # prior N(0, sigma(T)^2 I). Change of variables x = alpha x_ve (a D-dim scaling):
@@ -450,6 +436,108 @@ def likelihood_rows(ks, dist, sde_name, sde, n_points, tol, device):
                          mean_error=error.mean().item(), true_mean_logp=truth.mean().item(),
                          mean_abs_diff_to_ours_hutchinson=same_probes))
     return rows
+
+
+# ----- the per-NFE overhead, side by side -----------------------------------------------------
+class TimedModel:
+    """Wraps the trivial model (score or denoiser), counting its calls and the seconds spent
+    inside them (CPU: the calls are synchronous), so that the sampler's own overhead is the
+    wall time minus the model's: the two sides' trivial models differ (ours computes
+    alpha(t), std(t) from t, k-diffusion's takes sigma), and that is not the sampler's cost."""
+
+    def __init__(self, model: Callable):
+        self.model, self.nfe, self.seconds = model, 0, 0.0
+
+    def __call__(self, *args):
+        start = time.perf_counter()
+        out = self.model(*args)
+        self.seconds += time.perf_counter() - start
+        self.nfe += 1
+        return out
+
+
+def overhead_cases(ks, sde, shape, dtype, device, budget: int) -> dict:
+    """name -> run(seed) -> TimedModel of one sampler with the trivial model at ``budget``
+    NFE: our fast samplers and PC / ODE loops, and k-diffusion's samplers on the same batch."""
+    n = budget - 1                                   # + 1 NFE: our final Tweedie step
+
+    def ours(fn, sde=sde, **kw):
+        def run(seed):
+            model = TimedModel(unit_gaussian_score(sde))
+            fn(model, sde, shape, dtype=dtype, device=device, generator=generator(seed, device),
+               **kw)
+            return model
+        return run
+    cases = {
+        "ddim (ours)": ours(ddim_sample, num_steps=n),
+        "dpm++ 2M (ours)": ours(dpm_solver_sample, num_steps=n, order=2),
+        "dpm++ 3M (ours)": ours(dpm_solver_sample, num_steps=n, order=3),
+        "edm heun (ours)": ours(samplers.edm_sample, num_steps=(budget + 1) // 2),
+        "ode euler (ours)": ours(ode_sample, method="euler", num_steps=n, denoise=True),
+        # PC takes one step per level: an SDE with N = budget
+        "pc euler_maruyama (ours)": ours(samplers.pc_sample, sde=type(sde)(N=budget),
+                                         predictor="euler_maruyama", corrector="none"),
+    }
+    if ks is not None:
+        sigma_min, sigma_max = sigma_of_t(sde, SAMPLE_EPS), sigma_of_t(sde, sde.T)
+        for name, per_step in K_SAMPLERS.items():
+            steps = budget if per_step == 1 else (budget + 1) // 2
+            sigmas = ks.get_sigmas_karras(steps, sigma_min, sigma_max, rho=7.0,
+                                          device=device).to(dtype)
+
+            def run(seed, fn=getattr(ks, name), sigmas=sigmas):
+                model = TimedModel(unit_gaussian_denoiser)
+                x = torch.randn(shape, generator=generator(seed, device), device=device,
+                                dtype=dtype) * sigmas[0]
+                torch.manual_seed(seed)
+                fn(model, x, sigmas, disable=True)
+                return model
+            cases[f"{name.removeprefix('sample_')} (k-diffusion)"] = run
+    return cases
+
+
+def overhead_comparison(ks, shape, dtype, device, budgets, rounds: int) -> list[dict]:
+    """ms per NFE of every overhead case, in all and without the model's own time,
+    interleaved: each round runs every case once, in turn, so machine load hits all alike;
+    the medians over rounds are reported."""
+    rows = []
+    for sde_name, make_sde in SDES.items():
+        for budget in budgets:
+            cases = overhead_cases(ks, make_sde(1000), shape, dtype, device, budget)
+            totals = {name: [] for name in cases}
+            loops = {name: [] for name in cases}
+            nfes = {}
+            for round_ in range(rounds + 1):             # round 0 warms up
+                for name, run in cases.items():
+                    model, wall = timed(lambda: run(round_), device)
+                    nfes[name] = model.nfe
+                    if round_:
+                        totals[name].append(1e3 * wall / model.nfe)
+                        loops[name].append(1e3 * (wall - model.seconds) / model.nfe)
+            rows += [dict(sde=sde_name, budget=budget, sampler=name, nfe=nfes[name],
+                          ms_per_nfe=statistics.median(totals[name]),
+                          loop_ms_per_nfe=statistics.median(loops[name])) for name in cases]
+    return rows
+
+
+def overhead_comparison_table(rows) -> str:
+    """Median ms/NFE per sampler over SDEs and budgets, in all and without the model, with
+    the ratios of the latter to k-diffusion's dpmpp_2m in the same runs."""
+    by_sampler = {}
+    for r in rows:
+        by_sampler.setdefault(r["sampler"], []).append(r)
+    reference = {(r["sde"], r["budget"]): r for r in rows
+                 if r["sampler"] == "dpmpp_2m (k-diffusion)"}
+    lines = []
+    for name, group in by_sampler.items():
+        ratios = [r["loop_ms_per_nfe"] / reference[(r["sde"], r["budget"])]["loop_ms_per_nfe"]
+                  for r in group if (r["sde"], r["budget"]) in reference]
+        lines.append([name, len(group),
+                      fmt(statistics.median(r["ms_per_nfe"] for r in group), ".3f"),
+                      fmt(statistics.median(r["loop_ms_per_nfe"] for r in group), ".3f"),
+                      fmt(statistics.median(ratios), ".2f") if ratios else "-"])
+    return markdown(["sampler", "runs", "ms/NFE in all", "ms/NFE without the model",
+                     "ratio of the latter to k-diffusion dpmpp_2m"], lines)
 
 
 # ----- output ---------------------------------------------------------------------------------
@@ -603,6 +691,10 @@ def parse_args(argv=None):
     p.add_argument("--out", help="write all rows and settings to this JSON file")
     p.add_argument("--summarize", metavar="RESULTS_JSON",
                    help="only print the <= 20 NFE summaries of an earlier --out file, and exit")
+    p.add_argument("--overhead", action="store_true",
+                   help="only time the per-NFE overhead (trivial model) of our samplers and "
+                   "k-diffusion's, interleaved, and exit")
+    p.add_argument("--rounds", type=int, default=7, help="--overhead: timed rounds per case")
     p.add_argument("--check-extra", action="store_true",
                    help="only check that k-diffusion's sampling module imports, and exit")
     return p.parse_args(argv)
@@ -637,6 +729,19 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but torch.cuda.is_available() is False")
     dtype = getattr(torch, args.dtype)
+    if args.overhead:
+        budgets = tuple(int(b) for b in (args.budgets or "10,20,50").split(",") if b)
+        shape = (args.samples, DIM)
+        rows = overhead_comparison(ks, shape, getattr(torch, args.dtype), device, budgets,
+                                   args.rounds)
+        print(f"# overhead: trivial model, batch {shape}, {args.dtype}, {torch.get_num_threads()}"
+              f" thread(s), budgets {budgets}, median of {args.rounds} interleaved rounds"
+              + ("" if ks is not None else f"; {k_note}"))
+        print(overhead_comparison_table(rows))
+        if args.out:
+            Path(args.out).write_text(json.dumps(dict(machine=machine_description(), rows=rows),
+                                                 indent=1))
+        return 0
     N = 100 if args.quick else 1000
     ald_steps_each = 100                    # NCSN's 10 levels x 100 steps in both modes
     budgets = (5, 10, 20) if args.quick else (5, 10, 20, 50, 100)
@@ -682,11 +787,6 @@ def main(argv=None):
           f"{mix_floors['fd']:.4f}, mode TV {mix_floors['mode_tv']:.3f}, off-mode "
           f"{100 * mix_floors['off_mode']:.2f}%")
     notes = []
-    if ode_sample is None:
-        notes.append("samplers.ode.ode_sample not importable yet: its rows are skipped")
-    if log_likelihood is None:
-        notes.append("samplers.likelihood.log_likelihood not importable yet: our likelihood "
-                     "rows are skipped")
     if ks is None:
         notes.append(k_note)
     for note in notes:
@@ -736,8 +836,7 @@ def main(argv=None):
     print(f"\n## overhead with a trivial score, batch {shape}, {args.dtype} (gauss64 runs)\n")
     print(overhead_table([r for r in all_rows if r.problem == "gauss64"]), flush=True)
 
-    if (not args.no_likelihood and "gauss64" in problem_names
-            and (log_likelihood is not None or ks is not None)):
+    if not args.no_likelihood and "gauss64" in problem_names:
         for sde_name in sde_names:
             results["likelihood"] += likelihood_rows(ks, dist, sde_name, SDES[sde_name](N),
                                                      n_points, tol, device)

@@ -117,19 +117,23 @@ def edm_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 18,
         for i in range(last + 1):                                          # line 3
             # lines 4-6: x_hat = x_i + sqrt(sigma_hat^2 - sigma_i^2) eps_i, eps_i ~ N(0, S_noise^2)
             x_hat = x.add(run.noise(x), alpha=noise_scale[i]) if noise_scale[i] > 0 else x
-            # line 7: d_i = (x_hat - D(x_hat; sigma_hat)) / sigma_hat = eps_hat at sigma_hat
-            d = run.schedule.noise(x_hat * hat[i].alpha, hat[i], run.schedule.score(
-                x_hat * hat[i].alpha, t_hat[i]))
+            # line 7: d_i = (x_hat - D(x_hat; sigma_hat)) / sigma_hat = -std score (eps_hat)
             # line 8: x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) d_i   (Euler step)
             step = nxt[i].sigma - hat[i].sigma
-            x = x_hat.add(d, alpha=step)
+            score = _score_ve(run, x_hat, t_hat[i], hat[i])
+            x = x_hat.add(score, alpha=-step * hat[i].std)
             if i < num_steps - 1:                                          # line 9: sigma_{i+1} > 0
-                # lines 10-11: d'_i at x_{i+1}; x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat)(d + d') / 2
-                d_prime = run.schedule.noise(x * nxt[i].alpha, nxt[i], run.schedule.score(
-                    x * nxt[i].alpha, t_next[i]))
-                x = x_hat.add(d.add_(d_prime), alpha=0.5 * step)
-            run.step(i, x * nxt[i].alpha, nxt[i])
-        return run.result(x * nxt[last].alpha)
+                # lines 10-11: d'_i at x_{i+1}; x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat)(d + d')/2
+                score_next = _score_ve(run, x, t_next[i], nxt[i])
+                x = x_hat.add(score, alpha=-0.5 * step * hat[i].std).add_(
+                    score_next, alpha=-0.5 * step * nxt[i].std)
+            run.step(i, x, nxt[i], scale=nxt[i].alpha)
+        return run.result(x if nxt[last].alpha == 1.0 else x * nxt[last].alpha)
+
+
+def _score_ve(run: Harness, x_ve: torch.Tensor, t: torch.Tensor, point) -> torch.Tensor:
+    """The score at x = alpha x_ve (the SDE's coordinates) and time t."""
+    return run.schedule.score(x_ve if point.alpha == 1.0 else x_ve * point.alpha, t)
 
 
 def _churn(sigmas: torch.Tensor, num_steps: int, s_churn: float, s_tmin: float, s_tmax: float,

@@ -22,7 +22,7 @@ from sde_lib import SCHEDULE_DTYPE, SDE, check_bool, check_choice, check_int, ch
 
 from .harness import DATA_POINT, Harness, SampleResult, Schedule, SchedulePoint, check_eps
 
-__all__ = ["timesteps", "ddim_sample", "dpm_solver_sample", "check_ddim_options",
+__all__ = ["timesteps", "ddim_sample", "dpm_solver_sample", "check_ddim_options", "Output",
            "check_dpm_solver_options", "ExponentialStep", "combine", "model_output", "singlestep_2", "singlestep_3",
            "final_denoise", "SPACINGS",
            "DPM_ALGORITHMS", "WARMUPS", "LOWER_ORDER_FINAL_BELOW"]
@@ -74,12 +74,28 @@ def timesteps(sde: SDE, num_steps: int, *, spacing: str = "logsnr", eps: float =
     return t
 
 
+class Output:
+    """A model output m = sum_k c_k v_k over tensors v_k (the state it was evaluated at and the
+    score there), kept as terms and never formed on its own: ``combine`` folds every update
+    into one linear combination of the tensors, in which the state's terms merge, so a
+    DPM-Solver++(2M) step takes four passes over the data besides the score."""
+    __slots__ = ("terms",)
+
+    def __init__(self, terms):
+        self.terms = tuple(terms)
+
+
 def combine(x: torch.Tensor, c_x: float, coefficients, outputs) -> torch.Tensor:
-    """c_x x + sum_k c_k m_k with host-float coefficients c_k of the outputs m_k (one kernel
-    per term)."""
-    out = x * c_x
-    for m, c in zip(outputs, coefficients):
-        out = out.add_(m, alpha=c)
+    """c_x x + sum_k c_k m_k for host-float coefficients c_k of the model outputs m_k
+    (``Output``s or tensors): one kernel per distinct tensor."""
+    weights = {id(x): [c_x, x]}
+    for c, m in zip(coefficients, outputs):
+        for c_v, v in (m.terms if isinstance(m, Output) else ((1.0, m),)):
+            weights.setdefault(id(v), [0.0, v])[0] += c * c_v
+    terms = [(c, v) for c, v in weights.values() if c != 0.0]
+    out = terms[0][1] * terms[0][0]
+    for c, v in terms[1:]:
+        out = out.add_(v, alpha=c)
     return out
 
 
@@ -163,11 +179,15 @@ class ExponentialStep:
 
 
 def model_output(schedule: Schedule, x: torch.Tensor, t: torch.Tensor, point: SchedulePoint,
-                 data: bool) -> torch.Tensor:
-    """The data prediction (Tweedie) or the noise prediction at (x, t) from one score
-    evaluation; ``point`` holds alpha, std at t."""
+                 data: bool) -> Output:
+    """The data prediction x0_hat = (x + std^2 score) / alpha (Tweedie) or the noise
+    prediction -std score at (x, t), from one score evaluation, as an ``Output``; ``point``
+    holds alpha, std (host floats) at t."""
     score = schedule.score(x, t)
-    return schedule.denoise(x, point, score) if data else schedule.noise(x, point, score)
+    if data:
+        c_x, c_score = Schedule.tweedie_coefficients(point.alpha, point.std)
+        return Output(((c_x, x), (c_score, score)))
+    return Output(((-point.std, score),))
 
 
 # ----- checks -------------------------------------------------------------------------------
@@ -335,7 +355,7 @@ def _multistep_loop(run: Harness, times, points, orders, data: bool, first_singl
         else:
             h0, h1 = s.lam - points[i - 1].lam, points[i - 1].lam - points[i - 2].lam
             x = combine(x, *step.multistep_3(t, h0, h1), history[:3])
-        run.step(i, x, t, denoised=history[0] if data else None)
+        run.step(i, x, t)
     return x
 
 

@@ -159,12 +159,24 @@ class Schedule:
         return self.score_fn(x, t).to(x.dtype)
 
     @staticmethod
+    def tweedie_coefficients(alpha, std):
+        """(1 / alpha, std^2 / alpha): Tweedie's formula (Efron 2011) E[x_0 | x_t] =
+        (x + std^2 score) / alpha as the coefficients of x and of the score. The one Tweedie
+        of the code base (``tweedie`` and the DPM-Solver outputs use it)."""
+        return 1.0 / alpha, std ** 2 / alpha
+
+    @staticmethod
     def tweedie(x: torch.Tensor, score: torch.Tensor, alpha, std) -> torch.Tensor:
-        """E[x_0 | x_t] = (x + std^2 score) / alpha (Tweedie's formula; Efron 2011), with
-        alpha, std floats or 0-d / (B,) tensors. The one Tweedie of the code base."""
-        if torch.is_tensor(alpha) and alpha.ndim:
-            alpha, std = (append_dims(v.to(x.dtype), x.ndim) for v in (alpha, std))
-        return (x + std ** 2 * score) / alpha
+        """E[x_0 | x_t] from x (B, ...) and its score, with alpha, std floats or 0-d / (B,)
+        tensors (``tweedie_coefficients``). With floats: two passes over x (one if alpha = 1)."""
+        if torch.is_tensor(alpha):
+            if alpha.ndim:
+                alpha, std = (append_dims(v.to(x.dtype), x.ndim) for v in (alpha, std))
+            c_x, c_score = Schedule.tweedie_coefficients(alpha, std)
+            return x * c_x + score * c_score
+        c_x, c_score = Schedule.tweedie_coefficients(alpha, std)
+        x0 = torch.add(x, score, alpha=std ** 2)
+        return x0 if alpha == 1.0 else x0.mul_(c_x)
 
     def denoise(self, x: torch.Tensor, point: SchedulePoint, score: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -374,10 +386,12 @@ class Harness:
         return std_normal_like(x, self.generator)
 
     def step(self, k: int, x: torch.Tensor, point: SchedulePoint | None,
-             denoised: torch.Tensor | None = None, guard: bool = True) -> None:
+             denoised: torch.Tensor | None = None, guard: bool = True,
+             scale: float = 1.0) -> None:
         """After step k: record x for the non-finite check, advance the bar, call the callback
         with {step, t, sigma, x, denoised} (t, sigma of ``point``, the time x is at; converted
-        to floats only when there is a callback)."""
+        to floats only when there is a callback). ``scale``: the callback gets ``scale * x``
+        (a sampler that runs in other coordinates, such as EDM's x / alpha)."""
         if guard:
             self._guard.update(k, x, point)
         self._bar.update(1)
@@ -385,7 +399,8 @@ class Harness:
             if denoised is None:
                 denoised = self._last_denoised()
             t, sigma = (None, None) if point is None else (float(point.t), float(point.sigma))
-            self.callback({"step": k, "t": t, "sigma": sigma, "x": x, "denoised": denoised})
+            self.callback({"step": k, "t": t, "sigma": sigma, "x": x if scale == 1.0 else x * scale,
+                           "denoised": denoised})
 
     def _last_denoised(self) -> torch.Tensor | None:
         """Tweedie's formula on the last score evaluation (x, t, score)."""
