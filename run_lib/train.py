@@ -319,6 +319,7 @@ class ScheduledActions:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.workdir / "tensorboard"))
         self.record, self.losses, self.evals = StepRecord(), [], {}
+        self.last_grad_norm = float("nan")
         self.bar = progress_bar(self.n_iters, progress and self.ctx.is_main, "train",
                                 initial=state.step)
         self.window = [time.perf_counter(), 0, 0]      # start, images, steps
@@ -354,7 +355,7 @@ class ScheduledActions:
         """The recorded steps to the host (the only sync); TensorBoard train/loss, grad_norm."""
         done = self.record.flush(self.folder / "latest.pt")   # raises on a bad step
         self.losses.extend(loss for _, loss, _ in done)
-        self.last_grad_norm = done[-1][2] if done else float("nan")
+        self.last_grad_norm = done[-1][2] if done else self.last_grad_norm
         if self.writer is not None:
             for step, loss, grad_norm in done:
                 self.writer.add_scalar("train/loss", loss, step + 1)
