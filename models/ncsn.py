@@ -52,6 +52,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from sde_lib import check_choice
 from torch.nn import functional as F
 
 from .normalization import ConditionalInstanceNorm2dPlus, InstanceNorm2dPlus
@@ -268,11 +270,6 @@ def ncsnv2_variant(image_size: int) -> str:
     raise ValueError(f"image_size={image_size} has no NCSNv2 variant; use at most 256")
 
 
-def _check_choice(name: str, value: str, valid) -> None:
-    if value not in valid:
-        raise ValueError(f"{name}={value!r} is not supported; valid: {', '.join(valid)}")
-
-
 class _RefineNet(nn.Module):
     """The body shared by NCSN and NCSNv2; subclasses pick the norms (``norm`` in the residual
     blocks and the output, ``refine_norm`` inside the RefineNet blocks or None), the pooling
@@ -282,8 +279,8 @@ class _RefineNet(nn.Module):
                  refine_norm: Norm | None, pool: str, nonlinearity: str, interpolation: str,
                  num_classes: int | None):
         super().__init__()
-        _check_choice("nonlinearity", nonlinearity.lower(), ACTIVATIONS)
-        _check_choice("interpolation", interpolation, INTERPOLATIONS)
+        check_choice("nonlinearity", nonlinearity.lower(), ACTIVATIONS)
+        check_choice("interpolation", interpolation, INTERPOLATIONS)
         spec = NCSNV2_VARIANTS[arch]
         self.nf, self.image_size, self.num_channels = nf, image_size, num_channels
         self.arch, self.downsampling = arch, spec.downsampling
@@ -373,7 +370,7 @@ class NCSN(_RefineNet):
                  normalization: str = "InstanceNorm++", nonlinearity: str = "elu",
                  interpolation: str = "bilinear", image_size: int = 32, num_channels: int = 3,
                  num_classes: int | None = None):
-        _check_choice("normalization", normalization, NORMALIZATIONS)
+        check_choice("normalization", normalization, NORMALIZATIONS)
         if num_scales < 1:
             raise ValueError(f"num_scales={num_scales} must be at least 1")
         norm = partial(ConditionalInstanceNorm2dPlus, num_classes=num_scales)
@@ -412,9 +409,9 @@ class NCSNv2(_RefineNet):
                  nonlinearity: str = "elu", interpolation: str = "bilinear",
                  image_size: int = 32, num_channels: int = 3, num_classes: int | None = None,
                  variant: str | None = None):
-        _check_choice("normalization", normalization, NORMALIZATIONS)
+        check_choice("normalization", normalization, NORMALIZATIONS)
         variant = variant or ncsnv2_variant(image_size)
-        _check_choice("variant", variant, NCSNV2_VARIANTS)
+        check_choice("variant", variant, NCSNV2_VARIANTS)
         super().__init__(arch=variant, nf=nf, image_size=image_size, num_channels=num_channels,
                          norm=InstanceNorm2dPlus, refine_norm=None, pool="max",
                          nonlinearity=nonlinearity,

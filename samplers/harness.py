@@ -34,7 +34,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import numbers
 import sys
 import time
 import typing
@@ -44,7 +43,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from sde_lib import SCHEDULE_DTYPE, SDE, append_dims, check_int
+from sde_lib import SCHEDULE_DTYPE, SDE, append_dims, check_int, check_time
 
 __all__ = ["SampleResult", "CountingScore", "SchedulePoint", "Schedule", "Harness",
            "HARNESS_OPTIONS", "initial_state", "progress_bar", "std_normal_like", "check_eps",
@@ -201,11 +200,7 @@ def _cast(v, x: torch.Tensor):
 # ----- the harness --------------------------------------------------------------------------
 def check_eps(sde: SDE, eps) -> float:
     """The smallest sampling time as a float, or a ValueError when it is not in (0, T)."""
-    if (isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps)
-            or not 0.0 < eps < sde.T):
-        raise ValueError(f"eps (the smallest sampling time) must be a number in (0, {sde.T}), "
-                         f"got {eps!r}")
-    return float(eps)
+    return check_time("eps (the smallest sampling time)", eps, sde.T)
 
 
 def time_grid(sde: SDE, num_steps: int, eps: float, device=None) -> torch.Tensor:

@@ -13,14 +13,14 @@ from .mixtures import (TOY_DISTRIBUTIONS, GaussianMixture, eight_mode_mixture, s
                        toy_distribution)
 from .sdes import SDE, VESDE, VPSDE, reverse_drift, subVPSDE
 from .utils import (SCHEDULE_DTYPE, append_dims, batch_time, check_bool, check_choice, check_int,
-                    check_real)
+                    check_real, check_time)
 
 __all__ = [
     "SDE", "VPSDE", "subVPSDE", "VESDE", "SDES", "build_sde", "reverse_drift",
     "dsm_losses", "discrete_dsm_losses", "get_loss_fn", "sample_time",
     "GaussianMixture", "eight_mode_mixture", "spread_gaussian", "toy_distribution",
     "TOY_DISTRIBUTIONS", "append_dims", "batch_time", "SCHEDULE_DTYPE",
-    "check_int", "check_real", "check_choice", "check_bool",
+    "check_int", "check_real", "check_choice", "check_bool", "check_time",
 ]
 
 #: SDE name -> class (config.sde.name in the configs).

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from .sdes import SDE
-from .utils import append_dims, check_bool, check_real
+from .utils import append_dims, check_bool, check_time
 
 __all__ = ["dsm_losses", "discrete_dsm_losses", "sample_time", "get_loss_fn"]
 
@@ -30,12 +30,6 @@ def _reduce(squared: torch.Tensor, reduce_mean: bool) -> torch.Tensor:
 
 def _call_score(score_fn, x, t, class_labels):
     return score_fn(x, t) if class_labels is None else score_fn(x, t, class_labels)
-
-
-def _check_eps(sde: SDE, eps) -> None:
-    check_real("eps (the smallest training time)", eps, minimum=0.0, strict=True)
-    if not eps < sde.T:
-        raise ValueError(f"eps (the smallest training time) must be in (0, {sde.T}), got {eps!r}")
 
 
 def sample_time(sde: SDE, batch: int, *, eps: float = 1e-5, importance_sampling: bool = False,
@@ -53,7 +47,7 @@ def sample_time(sde: SDE, batch: int, *, eps: float = 1e-5, importance_sampling:
     Returns:
         t: (B,) float64 on ``device``; weight: a Python float.
     """
-    _check_eps(sde, eps)
+    check_time("eps (the smallest training time)", eps, sde.T)
     u = torch.rand(batch, generator=generator, device=device, dtype=torch.float64)
     if not importance_sampling:
         return eps + (sde.T - eps) * u, 1.0
@@ -136,7 +130,7 @@ def get_loss_fn(sde: SDE, *, continuous: bool = True, reduce_mean: bool = False,
                         ("importance_sampling", importance_sampling)):
         check_bool(name, value)
     if continuous:
-        _check_eps(sde, eps)
+        check_time("eps (the smallest training time)", eps, sde.T)
         if importance_sampling and not likelihood_weighting:
             raise ValueError("importance_sampling=True needs likelihood_weighting=True")
 

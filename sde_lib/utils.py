@@ -9,7 +9,7 @@ import numbers
 import torch
 
 __all__ = ["append_dims", "batch_time", "SCHEDULE_DTYPE", "check_int", "check_real",
-           "check_choice", "check_bool"]
+           "check_choice", "check_bool", "check_time"]
 
 #: Noise schedules are evaluated in this dtype and cast to the data's dtype at use.
 SCHEDULE_DTYPE = torch.float64
@@ -85,6 +85,15 @@ def check_choice(name: str, value, valid) -> str:
     if not isinstance(value, str) or value not in valid:
         raise ValueError(f"unknown {name} {value!r}; valid {name}s: {', '.join(valid)}")
     return value
+
+
+def check_time(name: str, value, T: float) -> float:
+    """``value`` as a float, or a ValueError when it is not a time in the open interval (0, T)
+    (the smallest time of a sampler, a loss or a likelihood)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or not 0.0 < value < T):
+        raise ValueError(f"{name} must be a number in (0, {T}), got {value!r}")
+    return float(value)
 
 
 def check_bool(name: str, value) -> bool:

@@ -381,11 +381,11 @@ def test_registry_reads_official_config_names():
     with torch.device("meta"):
         assert compose.build_model(_config("ncsnv2", image_size=128, nf=8)).arch == "ncsnv2_128"
         assert compose.build_model(_config("ncsnv2_256", image_size=32, nf=8)).arch == "ncsnv2_256"
-    with pytest.raises(ValueError, match="normalization='GroupNorm'.*InstanceNorm\\+\\+"):
+    with pytest.raises(ValueError, match="unknown normalization 'GroupNorm'.*InstanceNorm\\+\\+"):
         _tiny("ncsn", normalization="GroupNorm")
-    with pytest.raises(ValueError, match="nonlinearity='gelu'.*elu"):
+    with pytest.raises(ValueError, match="unknown nonlinearity 'gelu'.*elu"):
         _tiny("ncsnv2", nonlinearity="gelu")
-    with pytest.raises(ValueError, match="interpolation='bicubic'"):
+    with pytest.raises(ValueError, match="unknown interpolation 'bicubic'"):
         _tiny("ncsn", interpolation="bicubic")
     with pytest.raises(ValueError, match="image_size=512"):
         NCSNv2(nf=4, image_size=512)
