@@ -111,42 +111,18 @@ def log_likelihood(score_fn: Callable, sde: SDE, x: torch.Tensor, *, trace: str 
     Returns:
         LikelihoodResult(logp (B,), z (B, ...), nfe), detached, in x's dtype and device.
     """
-    check_choice("trace estimator", trace, TRACE_ESTIMATORS)
-    check_choice("probe noise", noise, PROBE_NOISES)
-    probes = check_int("probes (Hutchinson probe vectors per sample)", probes)
-    num_steps = check_ode_options(sde, method=method, rtol=rtol, atol=atol, eps=eps,
-                                  num_steps=num_steps)
-    if not torch.is_tensor(x) or x.ndim < 2 or not x.is_floating_point():
-        raise ValueError("x must be a floating-point tensor of shape (B, *data_shape), got "
-                         f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+    num_steps = _check_likelihood_options(sde, x, trace, probes, noise, method, rtol, atol,
+                                          eps, num_steps, generator)
     x = x.detach()
-    batch, dim = x.shape[0], x[0].numel()
-    if trace == "exact" and dim > MAX_EXACT_TRACE_DIM:
-        raise ValueError(f"trace='exact' replicates the batch once per dimension; D={dim} > "
-                         f"{MAX_EXACT_TRACE_DIM} is too large: use trace='hutchinson'")
-    check_generator(generator, x.device)
-
     probe = _probe_vectors(x, trace, int(probes), noise, generator)
-    replicas = probe.shape[0] // batch
-    repeat = (replicas,) + (1,) * (x.ndim - 1)
     counter = CountingScore(score_fn)
-
-    def field(state, t64):
-        """(v, div v) at the state (x (B, ...), delta (B,)), one forward + one backward pass."""
-        y = state[0].detach().repeat(repeat).requires_grad_(True)
-        with torch.enable_grad():
-            v = probability_flow_velocity(counter, sde, y, t64.expand(y.shape[0]))
-            (vjp,) = torch.autograd.grad(v, y, grad_outputs=probe)
-        quad = (vjp * probe).reshape(replicas, batch, -1).sum(-1)       # e^T (dv/dx) e
-        div = quad.sum(0) if trace == "exact" else quad.mean(0)
-        return v[:batch].detach(), div.detach().to(state[1].dtype)
-
+    field = _augmented_field(counter, sde, probe, x.shape[0], exact=trace == "exact")
     grid = (None if num_steps is None
             else ode_time_grid(sde, num_steps, eps, increasing=True, device=x.device))
     bar = progress_bar(None, progress, f"log_likelihood ({method})")
     try:
         with torch.no_grad():
-            delta0 = torch.zeros(batch, dtype=x.dtype, device=x.device)
+            delta0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
             z, delta = integrate(field, (x, delta0), t_start=float(eps), t_end=float(sde.T),
                                  method=method, rtol=rtol, atol=atol, grid=grid,
                                  t_min=float(eps), t_max=float(sde.T),
@@ -155,6 +131,46 @@ def log_likelihood(score_fn: Callable, sde: SDE, x: torch.Tensor, *, trace: str 
         bar.close()
     logp = sde.prior_logp(z) + delta
     return LikelihoodResult(logp=logp.detach(), z=z.detach(), nfe=counter.nfe)
+
+
+def _check_likelihood_options(sde, x, trace, probes, noise, method, rtol, atol, eps, num_steps,
+                              generator) -> int | None:
+    """ValueError naming the first bad argument of ``log_likelihood``; returns the steps of a
+    fixed-grid method (None for adaptive ones)."""
+    check_choice("trace estimator", trace, TRACE_ESTIMATORS)
+    check_choice("probe noise", noise, PROBE_NOISES)
+    check_int("probes (Hutchinson probe vectors per sample)", probes)
+    num_steps = check_ode_options(sde, method=method, rtol=rtol, atol=atol, eps=eps,
+                                  num_steps=num_steps)
+    if not torch.is_tensor(x) or x.ndim < 2 or not x.is_floating_point():
+        raise ValueError("x must be a floating-point tensor of shape (B, *data_shape), got "
+                         f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+    if trace == "exact" and x[0].numel() > MAX_EXACT_TRACE_DIM:
+        raise ValueError(f"trace='exact' replicates the batch once per dimension; "
+                         f"D={x[0].numel()} > {MAX_EXACT_TRACE_DIM} is too large: use "
+                         "trace='hutchinson'")
+    check_generator(generator, x.device)
+    return num_steps
+
+
+def _augmented_field(score_fn: Callable, sde: SDE, probe: torch.Tensor, batch: int, *,
+                     exact: bool) -> Callable:
+    """field((x (B, ...), delta (B,)), t) -> (v, div v): the probability-flow velocity and
+    its divergence e^T (dv/dx) e over the R = probe.shape[0] / B replicas of the batch
+    (summed for the exact trace's basis vectors, averaged for Hutchinson's probes), from one
+    forward and one backward pass on the replicated batch."""
+    replicas = probe.shape[0] // batch
+    repeat = (replicas,) + (1,) * (probe.ndim - 1)
+
+    def field(state, t64):
+        y = state[0].detach().repeat(repeat).requires_grad_(True)
+        with torch.enable_grad():
+            v = probability_flow_velocity(score_fn, sde, y, t64.expand(y.shape[0]))
+            (vjp,) = torch.autograd.grad(v, y, grad_outputs=probe)
+        quad = (vjp * probe).reshape(replicas, batch, -1).sum(-1)       # e^T (dv/dx) e
+        div = quad.sum(0) if exact else quad.mean(0)
+        return v[:batch].detach(), div.detach().to(state[1].dtype)
+    return field
 
 
 def bits_per_dim(score_fn: Callable, sde: SDE, images: torch.Tensor, *, centered: bool = True,
@@ -186,6 +202,8 @@ def bits_per_dim(score_fn: Callable, sde: SDE, images: torch.Tensor, *, centered
     Returns:
         BitsPerDimResult(bpd (B,), logp (B,) of y in nats, z, nfe).
     """
+    check_bool("centered", centered)
+    check_bool("dequantize", dequantize)
     if not torch.is_tensor(images) or images.ndim < 2:
         raise ValueError("images must be a tensor of shape (B, C, H, W) (or (B, ...)), got "
                          f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}")
