@@ -253,7 +253,7 @@ class _LogProgress:
     def __init__(self, total: int | None, desc: str, interval: float = 30.0):
         self.total, self.desc, self.interval = total, desc, interval
         self.n, self.start = 0, time.monotonic()
-        self.last = self.start
+        self.last, self.reported = self.start, 0
         self.postfix = ""
 
     def update(self, n: int = 1) -> None:
@@ -269,9 +269,12 @@ class _LogProgress:
     def _report(self, now: float) -> None:
         of = f"/{self.total}" if self.total else ""
         log.info("%s: %d%s (%.0f s) %s", self.desc, self.n, of, now - self.start, self.postfix)
+        self.reported = self.n
 
     def close(self) -> None:
-        if self.n and time.monotonic() - self.start >= self.interval:
+        """A last line for a run that took over ``interval`` seconds, unless it was just
+        reported."""
+        if self.n != self.reported and time.monotonic() - self.start >= self.interval:
             self._report(time.monotonic())
 
 

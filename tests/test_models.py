@@ -1,18 +1,12 @@
-"""Score wrapper conventions, the MLP score network, and a short training run that must
-bring the learned score close to the exact one."""
-import json
-import math
-import subprocess
-import sys
+"""Score wrapper conventions and the MLP score network (its training on the toy mixture
+against the exact score: tests/test_toy_pipeline.py)."""
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from ml_collections import ConfigDict
 
 import models
-import run_lib
 import sde_lib
 from run_lib import compose
 
@@ -209,68 +203,6 @@ def test_build_model_by_name_and_from_config():
     config.model.name = "unet9000"
     with pytest.raises(ValueError, match="unet9000"):
         compose.build_model(config)
-
-
-@pytest.mark.parametrize("sde_name, max_error", [("vpsde", 0.1), ("vesde", 0.25)])
-def test_training_moves_the_score_toward_the_exact_one(tmp_path, sde_name, max_error):
-    """400 Adam steps on the 8-mode mixture. The untrained MLP outputs zeros: a relative score
-    error of 1, and a loss of E||z||^2 / 2 = 1, i.e. 4.3x (VP) or 1.7x (VE) the exact score's
-    loss on the same draws, the floor no network beats in expectation. Measured after
-    training on this machine: error 0.04 (VP) / 0.12 (VE), loss 1.15x / 1.09x the floor; the
-    bounds leave about 2x margin on the error and require most of the excess loss gone."""
-    config = toy_config(sde_name, 400)
-    metrics = run_lib.train_toy(config, tmp_path, progress=False)
-    assert metrics["relative_score_error"] < max_error, metrics
-    assert metrics["loss"] < 1.25 * metrics["exact_score_loss"], metrics
-
-    untrained = compose.build_model(config)
-    sde = compose.build_sde(config)
-    error = run_lib.relative_score_error(compose.build_score_fn(config, sde, untrained),
-                                         sde_lib.toy_distribution("eight_modes"), sde,
-                                         num_samples=4096,
-                                         generator=torch.Generator().manual_seed(0))
-    assert error > 0.9
-
-    state = torch.load(tmp_path / "model.pt", weights_only=True)
-    assert state["step"] == 400 and "out.weight" in state["model"]
-    assert json.loads((tmp_path / "config.json").read_text())["sde"]["name"] == sde_name
-
-
-def test_main_train_mode_end_to_end(tmp_path):
-    cmd = [sys.executable, "main.py", "--mode", "train", "--config", "configs/toy/subvp_mixture.py",
-           "--workdir", str(tmp_path), "--config.training.n_iters=30", "--config.device=cpu"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["steps"] == 30 and math.isfinite(metrics["loss"])
-    assert "subVPSDE" in metrics["sde"]
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    # sample with each sampler and compute likelihoods from the weights just written
-    small = ["--config.sde.num_scales=20", "--config.sampling.num_samples=64",
-             "--config.sampling.n_steps_each=2", "--config.eval.likelihood_samples=16",
-             "--config.sampling.rtol=1e-3", "--config.sampling.atol=1e-3"]
-    for sampler in ("pc", "ode", "ddim", "dpm_solver"):
-        done = subprocess.run(cmd[:3] + ["sample", "--sampler", sampler] + cmd[4:] + small,
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        result = json.loads((tmp_path / f"samples_{sampler}.json").read_text())
-        assert result["nfe"] > 0 and 0 <= result["mode_weight_tv"] <= 1
-        with np.load(tmp_path / f"samples_{sampler}.npz") as archive:
-            assert archive["samples"].shape == (64, 2)
-        assert (tmp_path / f"samples_{sampler}.png").stat().st_size > 1000
-    done = subprocess.run(cmd[:3] + ["likelihood"] + cmd[4:] + small, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    likelihood = json.loads((tmp_path / "likelihood.json").read_text())
-    assert math.isfinite(likelihood["nll_nats"]) and likelihood["nfe"] > 0
-    # the subVP run's ALD request is refused with the one-line error of ald_sample
-    done = subprocess.run(cmd[:3] + ["sample", "--sampler", "ald"] + cmd[4:] + small, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and "use pc_sample" in done.stderr
-
-    bad = subprocess.run(cmd[:-2] + ["--config.training.no_such_key=1"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "no_such_key" in bad.stderr
 
 
 def test_center_input_feeds_the_network_2x_minus_1():
