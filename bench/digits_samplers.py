@@ -49,7 +49,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
 
 import samplers  # noqa: E402
-import sde_lib  # noqa: E402
 from run_lib import compose  # noqa: E402
 from run_lib.datasets import load_digits_images  # noqa: E402
 from run_lib.images import to_uint8  # noqa: E402

@@ -144,12 +144,17 @@ def build_model(config) -> torch.nn.Module:
     return models.build_model(model_name, **arguments_of(config))
 
 
-def build_score_fn(config, sde: sde_lib.SDE, model) -> Callable:
-    """``models.get_score_fn`` with config.training.continuous, config.model.scale_by_sigma
-    and, for images kept in [0, 1] (config.data.centered False), center_input."""
+def build_score_fn(config, sde: sde_lib.SDE, model, *,
+                   discrete_labels: str | None = None) -> Callable:
+    """``models.get_score_fn`` with config.training.continuous, config.model.scale_by_sigma,
+    center_input for images kept in [0, 1] (config.data.centered False), and the discrete
+    label convention ``discrete_labels`` (default config.model.discrete_labels, "nearest";
+    "score_sde" for weights of the official code: see models/score.py)."""
+    labels = discrete_labels or config.model.get("discrete_labels", "nearest")
     return models.get_score_fn(sde, model, continuous=config.training.get("continuous", True),
                                scale_by_sigma=bool(config.model.get("scale_by_sigma", False)),
-                               center_input=not bool(config.data.get("centered", True)))
+                               center_input=not bool(config.data.get("centered", True)),
+                               discrete_labels=labels)
 
 
 # ----------------------------------------------------------------------------- the sampler

@@ -81,12 +81,6 @@ def with_class_labels(score_fn, labels: torch.Tensor | None):
     return score_fn if labels is None else functools.partial(_score_with_labels, score_fn, labels)
 
 
-def is_score_sde_checkpoint(state: dict) -> bool:
-    """Whether a checkpoint dict was written by the official Score SDE code (its EMA is a bare
-    list ``ema['shadow_params']``; ours keys the shadow by name)."""
-    return isinstance(state.get("ema"), dict) and "shadow_params" in state["ema"]
-
-
 def _read_run_checkpoint(workdir, device, checkpoint: str | None) -> tuple[dict, Path]:
     """The checkpoint named by --checkpoint, or the newest loadable one of ``workdir``."""
     if checkpoint:
@@ -104,7 +98,7 @@ def _read_run_checkpoint(workdir, device, checkpoint: str | None) -> tuple[dict,
 
 
 def _load_weights(model, state: dict, config, use_ema: bool) -> None:
-    if is_score_sde_checkpoint(state):
+    if models.is_score_sde_checkpoint(state):
         models.load_state_dict_strict(model, models.convert_score_sde_state_dict(state, ema=use_ema))
         return
     models.load_state_dict_strict(model, state["model"])
@@ -121,7 +115,9 @@ def load_score_fn(config, workdir, device, *, checkpoint: str | None = None,
     weights (``use_ema``) in eval mode.
 
     ``checkpoint`` may also be a checkpoint of the official Score SDE PyTorch code (e.g. a
-    published checkpoint_<k>.pth): it is converted with models.convert_score_sde_state_dict.
+    published checkpoint_<k>.pth): it is converted with models.convert_score_sde_state_dict,
+    and a discrete-time model then takes the official code's labels (discrete_labels=
+    "score_sde": the fractional t (N - 1) for VP), so its scores are the official ones.
     Files are read with weights_only=True and loaded strictly; a checkpoint of another model
     raises a one-line ValueError naming the first mismatching key.
     """
@@ -134,7 +130,10 @@ def load_score_fn(config, workdir, device, *, checkpoint: str | None = None,
                          f"{config.model.name!r}): {error}") from error
     model.eval()
     sde = compose.build_sde(config)
-    score_fn = compose.build_score_fn(config, sde, model)
+    # weights of the official code get its discrete-time labels (models/score.py)
+    official = models.is_score_sde_checkpoint(state)
+    score_fn = compose.build_score_fn(config, sde, model,
+                                      discrete_labels="score_sde" if official else None)
     return LoadedRun(model, score_fn, sde, int(state["step"]),
                      int(config.model.get("num_classes") or 0))
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import samplers
-import sde_lib
 from run_lib import compose
 
 ROOT = Path(__file__).resolve().parents[1]

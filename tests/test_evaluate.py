@@ -195,7 +195,6 @@ def test_demo_trains_samples_and_compares(tmp_path):
 def test_sample_from_an_official_score_sde_checkpoint(tmp_path):
     """A checkpoint in the official Score SDE format ('module.' keys, EMA as a bare
     shadow_params list) samples through --checkpoint with its EMA weights."""
-    import models
     config = tiny_config()
     torch.manual_seed(3)
     net = compose.build_model(config)
@@ -212,6 +211,34 @@ def test_sample_from_an_official_score_sde_checkpoint(tmp_path):
     metrics = evaluate.sample(config, tmp_path / "out", progress=False,
                               checkpoint=str(tmp_path / "checkpoint_1.pth"))
     assert metrics["step"] == 7 and (tmp_path / "out" / "samples_ddim.png").exists()
+
+
+def test_an_official_discrete_vp_checkpoint_gets_the_official_labels(tmp_path):
+    """A discrete DDPM (continuous=False) loaded from a checkpoint in the official format
+    conditions on the fractional label t (N - 1) (discrete_labels="score_sde"); the same
+    weights from our own checkpoint format keep the nearest level."""
+    import models
+    config = tiny_config()
+    config.training.continuous = False
+    torch.manual_seed(4)
+    net = compose.build_model(config)
+    official = {"model": {f"module.{k}": v for k, v in net.state_dict().items()},
+                "ema": {"decay": 0.9999, "num_updates": 1,
+                        "shadow_params": [p.detach().clone() for p in net.parameters()]},
+                "optimizer": {}, "step": 1}
+    torch.save(official, tmp_path / "checkpoint_1.pth")
+    run = evaluate.load_score_fn(config, tmp_path / "unused", "cpu",
+                                 checkpoint=str(tmp_path / "checkpoint_1.pth"))
+    sde = compose.build_sde(config)
+    x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 0.4)       # off the level grid
+    with torch.no_grad():
+        got = run.score_fn(x, t)
+        expected = models.get_score_fn(sde, run.model, continuous=False,
+                                       discrete_labels="score_sde")(x, t)
+        nearest = models.get_score_fn(sde, run.model, continuous=False)(x, t)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert (got - nearest).abs().max() > 1e-4 * nearest.abs().max()      # 0.1 % apart here
+    assert compose.build_score_fn(config, sde, run.model)(x, t).equal(nearest)
 
 
 def test_class_conditional_labels_follow_the_images_across_batches(tmp_path, monkeypatch):
