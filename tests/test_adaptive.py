@@ -11,18 +11,13 @@ import torch
 import samplers
 import sde_lib
 from samplers.adaptive import dpm_solver_adaptive_sample
-from testbed import flow_problem_score, frechet_distance, reference_and_floor, spread_gaussian
+from testbed import SDES, flow_problem_score, frechet_distance, reference_and_floor, spread_gaussian
 
 F64 = torch.float64
 N_GAUSS = 2000
 #: DPM-Solver's defaults (Lu et al. 2022, App. C), also configs/common.py's.
 RTOL, ATOL = 0.05, 0.0078
 
-SDES = {
-    "vp": lambda: sde_lib.VPSDE(),
-    "subvp": lambda: sde_lib.subVPSDE(),
-    "ve": lambda: sde_lib.VESDE(sigma_min=0.01, sigma_max=20.0),
-}
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,13 @@ import torch
 
 import samplers
 import sde_lib
-from testbed import exact_flow, fitted_order, flow_problem_score
+from testbed import SDES, exact_flow, fitted_order, flow_problem_score
 from samplers.adaptive import dpm_solver_adaptive_sample
 from samplers.edm import edm_sample, edm_sigmas
 from samplers.metrics import frechet_distance
 
 F64 = torch.float64
 
-SDES = {
-    "vp": lambda: sde_lib.VPSDE(),
-    "subvp": lambda: sde_lib.subVPSDE(),
-    "ve": lambda: sde_lib.VESDE(sigma_min=0.01, sigma_max=20.0),
-}
 def _edm(**kw):
     def run(score, sde, x_T, n):
         return edm_sample(score, sde, x_T.shape, num_steps=n, x_init=x_T, denoise=False, **kw)

@@ -19,19 +19,11 @@ import samplers
 import sde_lib
 from samplers.fast import (DPM_ALGORITHMS, SPACINGS, ddim_sample, dpm_solver_sample,
                            timesteps)
-from testbed import (fitted_order, flow_problem_score, frechet_distance,
+from testbed import (SDES, fitted_order, flow_problem_score, frechet_distance,
                      reference_and_floor, spread_gaussian)
 
 F64 = torch.float64
 N_GAUSS = 2000
-
-SDES = {
-    "vp": lambda: sde_lib.VPSDE(),
-    "subvp": lambda: sde_lib.subVPSDE(),
-    # sigma_max 20, not 5: with 5 the prior N(0, 25 I) is far enough from the true p_T that
-    # an exact sampler sits at FD 0.067 from the data (bench/README.md)
-    "ve": lambda: sde_lib.VESDE(sigma_min=0.01, sigma_max=20.0),
-}
 
 
 # ----- time steps ---------------------------------------------------------------------------
