@@ -381,7 +381,7 @@ def _singlestep_loop(run: Harness, times, points, order: int, data: bool):
 
 
 def singlestep_2(run: Harness, x, step: ExponentialStep, t: SchedulePoint, m0, mid,
-                  r1: float, data: bool) -> torch.Tensor:
+                 r1: float, data: bool) -> torch.Tensor:
     """One single-step second-order step from s to t through ``mid`` = (times, point) at
     lam_s + r1 h (one evaluation)."""
     mid_t, mid_point = mid
