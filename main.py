@@ -14,12 +14,20 @@ likelihood: run_lib.evaluate with the EMA weights (bits/dim for images, nats nex
 NLL for the toy mixtures); compare: one table of several work directories (comma-separated
 --workdir; no --config needed). Any config value can be overridden, e.g.
 --config.training.n_iters=500.
+
+Bad input is reported before any work is done or any file is written, in one line on stderr
+(``error: ...``, exit code 1; SCOREDIFF_TRACEBACK=1 shows the traceback): the config file,
+unknown or old override keys and values of the wrong type (``parse_flags``), every config
+value (run_lib.validate.validate_config), flags given to a mode that does not use them, the
+work directory and the --checkpoint file.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import pickle
+import re
 import sys
 
 from absl import app, flags
@@ -46,40 +54,152 @@ flags.DEFINE_string("checkpoint", None, "--mode sample / likelihood: a checkpoin
                     "code (e.g. a published checkpoint_26.pth; converted on load).")
 flags.mark_flags_as_required(["workdir"])
 
+#: The modes that use each optional flag; given to another mode it is an error.
+FLAG_MODES = {"config": ("train", "sample", "likelihood"), "sampler": ("sample",),
+              "checkpoint": ("sample", "likelihood"), "demo_steps": ("demo",)}
 
-def _config():
-    """The --config, or a usage error naming an example."""
-    if FLAGS.config is None:
-        raise app.UsageError(f"--mode {FLAGS.mode} needs --config (e.g. configs/vp/ddpm_digits.py)")
+
+# ----------------------------------------------------------------------------- flags
+
+_CONFIG_ARG = re.compile(r"^--?config(=|$)")
+_OVERRIDE_ARG = re.compile(r"^--?(?:no)?config\.([^=]+)")
+_VALUE_ERROR = re.compile(r"^flag --config\.([^=]+)=(.*?): (.*)$", re.S)
+#: How a message names the type of a config value.
+_KINDS = {bool: "True or False", int: "an integer", float: "a number", str: "a string",
+          tuple: "a tuple, e.g. '(1, 2)'"}
+
+
+def _config_argument(argv: list[str]) -> str | None:
+    """The value of --config in ``argv`` (the last one), or None."""
+    found = None
+    for i, arg in enumerate(argv):
+        if _CONFIG_ARG.match(arg):
+            found = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv)
+                                                             else "")
+    return found
+
+
+def _value_error(error: flags.Error, config) -> str:
+    """absl's 'flag --config.x.y=v: <reason>' as one line that names the key's type."""
+    found = _VALUE_ERROR.match(str(error))
+    if not found or config is None:
+        return " ".join(str(error).split())
+    path, value, reason = found.groups()
+    current = config
+    for part in path.split("."):
+        current = current[part]
+    kind = _KINDS.get(type(current), type(current).__name__)
+    return (f"--config.{path}={value}: config.{path} takes {kind}, and {value!r} is not one "
+            f"({' '.join(reason.split())})")
+
+
+def _flag_error(error: flags.Error, config) -> str:
+    """One line for an error of absl's flag parsing."""
+    message = str(error)
+    if "is not supported for overriding" in message:
+        field = re.search(r"field (config\.[\w.]+)", message)
+        name = field.group(1) if field else "this config value"
+        return (f"--{name} cannot be set on the command line: its value in the config file is "
+                f"None, which ml_collections cannot type; set it in the config file (or declare "
+                f"it ml_collections.config_dict.placeholder(<type>) there)")
+    if message.startswith("flag --config."):
+        return _value_error(error, config)
+    return f"{' '.join(message.split())} (python main.py --helpshort lists the flags)"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (app.run's flags_parser) with every error one line: a missing or
+    broken config file and unknown or old override keys are found before ml_collections
+    parses them (run_lib.validate), a value of the wrong type names the key's type."""
+    from run_lib.validate import ConfigError, check_override_key, load_config_file
+    try:
+        args = FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+    except flags.Error as error:
+        raise ConfigError(_flag_error(error, None)) from None
+    path = _config_argument(args)
+    config = load_config_file(path) if path is not None else None
+    for arg in args:
+        override = _OVERRIDE_ARG.match(arg)
+        if override and config is None:
+            raise ConfigError(f"{arg} overrides a value of the config file, but no --config "
+                              "was given: pass --config <file> before it (--mode compare "
+                              "and demo take no config)")
+        if override:
+            check_override_key(config, override.group(1), flag=arg)
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        raise ConfigError(_flag_error(error, config)) from None
+
+
+def _check_flags(mode: str) -> None:
+    """Each optional flag given is one that ``mode`` uses."""
+    from run_lib.validate import ConfigError
+    for name, modes in FLAG_MODES.items():
+        if FLAGS[name].present and mode not in modes:
+            raise ConfigError(f"--{name} applies to --mode {' / '.join(modes)}, not --mode "
+                              f"{mode}: drop it")
+    if mode in FLAG_MODES["config"] and FLAGS.config is None:
+        raise ConfigError(f"--mode {mode} needs --config (e.g. configs/vp/ddpm_digits.py)")
+
+
+def _checked_config(mode: str):
+    """The --config, validated for ``mode`` with the flags, the work directory and the
+    --checkpoint file, before any work (run_lib.validate)."""
+    from run_lib import validate
+    _check_flags(mode)
+    validate.validate_config(FLAGS.config, mode, sampler=FLAGS.sampler)
+    validate.check_workdir(FLAGS.workdir)
+    if FLAGS.checkpoint is not None:
+        validate.check_checkpoint_file(FLAGS.checkpoint)
     return FLAGS.config
 
 
+# ----------------------------------------------------------------------------- modes
+
 def run_train() -> dict | None:
     """Train (or resume); under torchrun only rank 0 reports."""
+    config = _checked_config("train")
     from run_lib.train import train
-    metrics = train(_config(), FLAGS.workdir)
+    metrics = train(config, FLAGS.workdir)
     metrics.pop("losses")
     return metrics if int(os.environ.get("RANK", "0")) == 0 else None
 
 
 def run_sample() -> dict:
+    config = _checked_config("sample")
     from run_lib import evaluate
-    return evaluate.sample(_config(), FLAGS.workdir, method=FLAGS.sampler,
+    return evaluate.sample(config, FLAGS.workdir, method=FLAGS.sampler,
                            checkpoint=FLAGS.checkpoint)
 
 
 def run_likelihood() -> dict:
+    config = _checked_config("likelihood")
     from run_lib import evaluate
-    return evaluate.likelihood(_config(), FLAGS.workdir, checkpoint=FLAGS.checkpoint)
+    return evaluate.likelihood(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint)
 
 
 def run_compare() -> str:
+    _check_flags("compare")
     from run_lib.evaluate import compare_workdirs
-    return compare_workdirs([w for w in FLAGS.workdir.split(",") if w])
+    from run_lib.validate import ConfigError
+    workdirs = [w for w in FLAGS.workdir.split(",") if w.strip()]
+    if not workdirs:
+        raise ConfigError("--mode compare needs work directories: --workdir runs/a,runs/b")
+    return compare_workdirs(workdirs)
 
 
 def run_demo() -> str:
+    _check_flags("demo")
+    from run_lib import validate
+    from run_lib.demo import DEMO_RUNS, demo_config
     from run_lib.demo import run_demo as demo
+    for name in DEMO_RUNS:     # the demo's configs, as it builds them, before any work
+        config = demo_config(name, n_iters=FLAGS.demo_steps)
+        for mode, sampler in (("train", None), ("sample", "pc"), ("sample", "ode"),
+                              ("likelihood", None)):
+            validate.validate_config(config, mode, sampler=sampler)
+    validate.check_workdir(FLAGS.workdir)
     return demo(FLAGS.workdir, n_iters=FLAGS.demo_steps)
 
 
@@ -97,29 +217,23 @@ def main(argv):
         print(json.dumps(result, indent=2))
 
 
-#: Errors that mean bad input (a missing file or checkpoint, a wrong config value, an unknown
-#: config key): reported in one line. Set SCOREDIFF_TRACEBACK=1 to see the traceback.
-USER_ERRORS = (FileNotFoundError, ValueError, KeyError, AttributeError, FloatingPointError)
+#: Errors that mean bad input (a config value or key, a config file, a flag, a missing or
+#: unreadable file or checkpoint, absent data, a non-finite loss): reported in one line.
+#: Set SCOREDIFF_TRACEBACK=1 to see the traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, pickle.UnpicklingError)
 
 
-def _one_line(error: BaseException, argv: list[str]) -> str:
-    """The message for a user error; an unknown --config.<key> override names the argument."""
-    if isinstance(error, (AttributeError, KeyError)):
-        overrides = [a for a in argv if a.startswith("--config.")]
-        key = str(error).strip("'\"")
-        for arg in overrides:
-            path = arg[len("--"):].split("=", 1)[0]
-            if path.split(".")[-1] == key or f".{key}." in f"{path}.":
-                return (f"unknown config key in {arg}: {path!r} does not exist in the config "
-                        "(see config.json of a run, or the config file, for the valid keys)")
-    return f"{type(error).__name__}: {error}"
+def one_line(error: BaseException) -> str:
+    """The one-line message of a user error."""
+    message = " ".join(str(error).split())
+    return message or type(error).__name__
 
 
 if __name__ == "__main__":
     try:
-        app.run(main)
+        app.run(main, flags_parser=parse_flags)
     except USER_ERRORS as error:
         if os.environ.get("SCOREDIFF_TRACEBACK"):
             raise
-        print(f"error: {_one_line(error, sys.argv)}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import pickle
 import re
-import zipfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,10 +32,6 @@ log = logging.getLogger(__name__)
 
 #: What a checkpoint of run_lib.train holds (a resume needs all of it).
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "rng")
-
-#: What torch.load raises for a truncated, empty or foreign file.
-_UNREADABLE = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
-               ValueError, AttributeError, ImportError, IndexError)
 
 _NUMBERED = re.compile(r"checkpoint_(\d+)\.pt")
 
@@ -49,6 +45,25 @@ def checkpoint_dir(workdir) -> Path:
     return Path(workdir) / "checkpoints"
 
 
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    """The one-line error for a file torch.load(weights_only=True) cannot read: a pickle
+    that holds code (or objects other than tensors and plain data), or a truncated, empty or
+    foreign file."""
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in text:
+        found = re.search(r"GLOBAL [\w.]+|Unsupported operand \d+", text)
+        what = f" ({found.group(0)})" if found else ""
+        return CheckpointError(
+            f"{path} is a pickle that torch.load(weights_only=True) refuses{what}: it holds "
+            "Python objects other than tensors and plain data, and unpickling those can run "
+            "code; only plain state dicts are loaded, so re-save the weights as a dict of "
+            "tensors")
+    reason = " ".join(text.split())[:160]
+    return CheckpointError(f"{path} cannot be read ({type(error).__name__}"
+                           f"{': ' + reason if reason else ''}); it is truncated or not a "
+                           "checkpoint of this project")
+
+
 def read_checkpoint(path, device, *, required=CHECKPOINT_KEYS) -> dict:
     """The checkpoint dict of ``path``, read with weights_only=True onto ``device``.
 
@@ -57,13 +72,15 @@ def read_checkpoint(path, device, *, required=CHECKPOINT_KEYS) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except _UNREADABLE as error:
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
-        raise CheckpointError(f"{path} cannot be read ({type(error).__name__}"
-                              f"{': ' + reason if reason else ''}); it is truncated or not a "
-                              "checkpoint of this project") from error
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any failure means: not loadable
+            raise _unreadable(path, error) from error
+    for warning in caught:      # only a file that loads may warn (a failure is one line)
+        warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                               warning.lineno)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict")
     missing = [key for key in required if key not in state]

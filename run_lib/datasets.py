@@ -43,6 +43,7 @@ import struct
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +133,11 @@ def restricted_loads(data: bytes):
 
 
 def _parse_cifar_batch(raw: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
-    batch = restricted_loads(raw)
+    try:
+        batch = restricted_loads(raw)
+    except Exception as error:  # noqa: BLE001 - a refused global or a damaged pickle
+        raise pickle.UnpicklingError(f"{source} is not a readable CIFAR-10 batch: "
+                                     f"{' '.join(str(error).split())}") from error
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise ValueError(f"{source} is not a CIFAR-10 batch (a dict with b'data' and b'labels')")
     data = np.asarray(batch[b"data"])
@@ -144,6 +149,24 @@ def _parse_cifar_batch(raw: bytes, source: str) -> tuple[np.ndarray, np.ndarray]
     return data.reshape(-1, 3, 32, 32), labels
 
 
+def _read_cifar_archive(path: Path, split: str) -> list:
+    """The (images, labels) of the split's batches in the archive ``path``, read in memory:
+    nothing is extracted, so no path in the archive is used."""
+    parts = []
+    with tarfile.open(path, "r:*") as tar:
+        for name in CIFAR10_BATCHES[split]:
+            member_name = f"{CIFAR10_FOLDER}/{name}"
+            try:
+                member = tar.getmember(member_name)
+            except KeyError:
+                raise FileNotFoundError(f"{path} has no member {member_name}") from None
+            if not member.isfile():
+                raise ValueError(f"{path}: {member_name} is not a regular file")
+            parts.append(_parse_cifar_batch(tar.extractfile(member).read(),
+                                            f"{path}:{member_name}"))
+    return parts
+
+
 def _read_cifar(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     parts = []
     if path.is_dir():
@@ -153,18 +176,13 @@ def _read_cifar(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
                 raise FileNotFoundError(f"CIFAR-10 batch {member} is missing")
             parts.append(_parse_cifar_batch(member.read_bytes(), str(member)))
     else:
-        # Read the members in memory: nothing is extracted, so no path in the archive is used.
-        with tarfile.open(path, "r:*") as tar:
-            for name in CIFAR10_BATCHES[split]:
-                member_name = f"{CIFAR10_FOLDER}/{name}"
-                try:
-                    member = tar.getmember(member_name)
-                except KeyError:
-                    raise FileNotFoundError(f"{path} has no member {member_name}") from None
-                if not member.isfile():
-                    raise ValueError(f"{path}: {member_name} is not a regular file")
-                parts.append(_parse_cifar_batch(tar.extractfile(member).read(),
-                                                f"{path}:{member_name}"))
+        try:
+            parts = _read_cifar_archive(path, split)
+        except (tarfile.TarError, EOFError, zlib.error) as error:
+            reason = " ".join(str(error).split())
+            raise ValueError(f"{path} is not a readable tar.gz archive ({type(error).__name__}: "
+                             f"{reason}); it is damaged or truncated: download "
+                             f"{CIFAR10_ARCHIVE} again from {CIFAR10_URL}") from error
     images = np.ascontiguousarray(np.concatenate([p[0] for p in parts]))
     return images, np.concatenate([p[1] for p in parts])
 
@@ -229,8 +247,13 @@ def read_idx(path) -> np.ndarray:
     uint32 sizes, then the values in row-major order. Returns a native-endian array."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise ValueError(f"{path} cannot be read ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())}); it is "
+                         "damaged or truncated: fetch the IDX file again") from error
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file: bad magic number {raw[:4].hex()}")
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
@@ -286,6 +309,14 @@ def _load_image(path: Path, image_size: int, num_channels: int) -> np.ndarray:
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
+def _load_readable_image(path: Path, image_size: int, num_channels: int) -> np.ndarray:
+    try:
+        return _load_image(path, image_size, num_channels)
+    except OSError as error:        # PIL: not an image, or a truncated one
+        raise ValueError(f"{path} is not a readable image ({' '.join(str(error).split())}); "
+                         "remove or replace it") from error
+
+
 def load_image_folder(data_dir, split: str = "train", *, image_size: int, num_channels: int = 3
                       ) -> tuple[np.ndarray, np.ndarray]:
     """PNG/JPEG images under ``data_dir`` as uint8 (N, C, image_size, image_size).
@@ -310,7 +341,7 @@ def load_image_folder(data_dir, split: str = "train", *, image_size: int, num_ch
     classes = sorted({part[0] for part in parts if len(part) > 1})
     index = {name: i for i, name in enumerate(classes)}
     labels = np.array([index[part[0]] if len(part) > 1 else 0 for part in parts], dtype=np.int64)
-    images = np.stack([_load_image(p, image_size, num_channels) for p in files])
+    images = np.stack([_load_readable_image(p, image_size, num_channels) for p in files])
     return images, labels
 
 

@@ -381,7 +381,18 @@ def gaussian_fit_bpd(config, *, num_images: int = 0, seed: int = 0,
 # ----------------------------------------------------------------------------- compare
 
 def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    """The JSON object of ``path``; None when there is no file; a ValueError naming the file
+    when it is not a JSON object."""
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); it was damaged: run the mode "
+                         "that writes it again") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a {type(value).__name__}, not a JSON object")
+    return value
 
 
 def _likelihood_cells(like: dict) -> list[str]:
@@ -415,7 +426,7 @@ def compare_workdirs(workdirs) -> str:
         if config is None:
             raise FileNotFoundError(f"{workdir} has no config.json: not a work directory of "
                                     "main.py (train, sample or compute a likelihood there first)")
-        sampled = {p.stem[len("samples_"):]: json.loads(p.read_text())
+        sampled = {p.stem[len("samples_"):]: _read_json(p)
                    for p in sorted(workdir.glob("samples_*.json"))}
         samplers_seen += [m for m in sampled if m not in samplers_seen]
         rows.append((workdir, config, _read_json(workdir / "likelihood.json") or {}, sampled))
@@ -424,7 +435,8 @@ def compare_workdirs(workdirs) -> str:
     header += [f"{m}: NFE / pixel FD (or mode TV)" for m in samplers_seen]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for workdir, config, like, sampled in rows:
-        cells = [workdir.name, config["sde"]["name"], config["model"]["name"],
+        cells = [workdir.name, str(config.get("sde", {}).get("name", "-")),
+                 str(config.get("model", {}).get("name", "-")),
                  str(like.get("step", "-")), *_likelihood_cells(like)]
         cells += [_sampler_cell(sampled.get(method)) for method in samplers_seen]
         lines.append("| " + " | ".join(cells) + " |")

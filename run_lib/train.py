@@ -90,12 +90,19 @@ def batches_forever(dataset, config, start_step: int, device, ctx: DistContext):
     """(x, labels) batches of this rank from optimizer step ``start_step`` on: epoch after
     epoch of dataset.batches(seed=config.seed, epoch=e, rank, world_size), the first epoch
     entered part-way. Batches of B / W rows; on CUDA copied from pinned memory without
-    blocking the host."""
+    blocking the host. A global batch larger than the data set raises a ValueError at once
+    (not at the first batch)."""
     batch_size = int(config.training.batch_size) // ctx.world_size
     per_epoch = len(dataset) // ctx.world_size // batch_size
     if per_epoch == 0:
         raise ValueError(f"config.training.batch_size={config.training.batch_size} is larger "
                          f"than the data set ({len(dataset)} items); use at most {len(dataset)}")
+    return _batches(dataset, config, start_step, per_epoch, batch_size, device, ctx)
+
+
+def _batches(dataset, config, start_step: int, per_epoch: int, batch_size: int, device,
+             ctx: DistContext):
+    """The generator of ``batches_forever`` (``per_epoch`` batches of ``batch_size`` rows)."""
     epoch, skip = divmod(start_step, per_epoch)
     pin = device.type == "cuda"
     while True:
@@ -480,6 +487,7 @@ def _run(config, workdir: Path, ctx: DistContext, device: torch.device, progress
     sde = compose.build_sde(config)
     state = build_train_state(config, device, ctx)
     _resume(state, workdir, config)   # before any write: a refused checkpoint stays untouched
+    batches = batches_forever(dataset, config, state.step, device, ctx)   # checks the batch size
     if ctx.is_main:
         write_config(config, workdir)
     # DDP after the resume: its first broadcast waits for every rank to have read the
@@ -489,7 +497,6 @@ def _run(config, workdir: Path, ctx: DistContext, device: torch.device, progress
     if ctx.is_main and int(config.training.eval_freq) > 0:
         evaluator = Evaluator(config, sde, state.model, state.ema, device)
     actions = ScheduledActions(config, workdir, state, sde, evaluator, progress=progress)
-    batches = batches_forever(dataset, config, state.step, device, ctx)
     start_step, started = state.step, time.perf_counter()
     try:
         if evaluator is not None and state.step == 0:
