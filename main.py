@@ -85,10 +85,15 @@ def _value_error(error: flags.Error, config) -> str:
     if not found or config is None:
         return " ".join(str(error).split())
     path, value, reason = found.groups()
-    current = config
-    for part in path.split("."):
-        current = current[part]
-    kind = _KINDS.get(type(current), type(current).__name__)
+    *groups, leaf = path.split(".")
+    parent = config
+    for part in groups:
+        parent = parent[part]
+    try:
+        field_type = parent.get_ref(leaf).get_type()     # also of a typed None placeholder
+    except (AttributeError, KeyError, TypeError):
+        field_type = type(parent[leaf])
+    kind = _KINDS.get(field_type, field_type.__name__)
     return (f"--config.{path}={value}: config.{path} takes {kind}, and {value!r} is not one "
             f"({' '.join(reason.split())})")
 
@@ -104,6 +109,9 @@ def _flag_error(error: flags.Error, config) -> str:
                 f"it ml_collections.config_dict.placeholder(<type>) there)")
     if message.startswith("flag --config."):
         return _value_error(error, config)
+    order = re.match(r"Found (\S+) in argv before a value for --config", message)
+    if order:
+        return f"{order.group(1)} comes before --config: pass --config <file> first, then overrides"
     return f"{' '.join(message.split())} (python main.py --helpshort lists the flags)"
 
 

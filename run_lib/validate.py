@@ -561,15 +561,27 @@ def _sampler_options(config, sde, name: str, why: str | None = None) -> None:
         raise _named(f"config.sampling.{name}", options, error) from None
 
 
+def _reference_sde(name: str, sde):
+    """``sde`` when sampler ``name`` applies to it, else a VE or VP SDE with as many steps
+    that it applies to (the values of its group are checked there: ald's options on a VP
+    config), or None."""
+    steps = max(int(sde.N), 2)
+    for candidate in (sde, sde_lib.VESDE(N=steps), sde_lib.VPSDE(N=steps)):
+        if _applies(name, candidate):
+            return candidate
+    return None
+
+
 def _check_samplers(config, sde, mode: str, sampler: str | None) -> None:
-    """Every sampler group's keys and types; the values of those that apply to the SDE; the
-    default sampler, the requested one (sample mode) and the training grid's must apply."""
+    """Every sampler group's keys, types and values (against the config's SDE, or one the
+    sampler applies to); the default sampler, the requested one (sample mode) and the
+    training grid's must apply to the config's SDE."""
     for name in samplers.SAMPLERS:
         if name in config.sampling:
             _check_option_types(config, name, config.sampling[name])
-    for name in samplers.SAMPLERS:
-        if _applies(name, sde):
-            _sampler_options(config, sde, name)
+        reference = _reference_sde(name, sde)
+        if reference is not None:
+            _sampler_options(config, reference, name)
     method = config.sampling.method
     _sampler_options(config, sde, method, f"config.sampling.method={method!r}")
     if mode == "sample" and sampler:

@@ -149,6 +149,8 @@ BAD_VALUES = [
     ("sampling.pc.eps", 2.0, "in (0, 1.0)"),
     ("sampling.ddim.num_steps", 0, ">= 1"),
     ("sampling.dpm_solver.order", 4, "<= 3"),
+    ("sampling.ald.n_steps_each", 0, ">= 1"),          # ald does not apply to VP: checked on VE
+    ("sampling.ald.step_lr", -1.0, "> 0"),
     ("sampling.edm.s_noise", -1.0, ">= 0"),
     ("eval.rtol", 0.0, "> 0"),
     ("eval.atol", -1e-5, "> 0"),
@@ -473,6 +475,8 @@ def _cli_cases(tmp_path) -> list:
          "config.training.batch_size must be an integer >= 1, got 0"),
         ([*config, "--workdir", tmp_path / "afile"], f"--workdir {tmp_path / 'afile'} is a file"),
         (["--config.training.n_iters=5"], "no --config was given"),
+        ([*config, "--checkpoint", tmp_path / "good.pt"],
+         "--checkpoint applies to --mode sample / likelihood, not --mode train"),
         *[([*sample, "--checkpoint", tmp_path / name], f"{tmp_path / name} {text}")
           for name, text in (("truncated.pt", "cannot be read"), ("text.pt", "cannot be read"),
                              ("evil.pt", "is a pickle that torch.load(weights_only=True) "
