@@ -10,7 +10,6 @@ import os
 import pickle
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import ml_collections
@@ -458,7 +457,7 @@ def main_py(*args, env=None):
 
 def _cli_cases(tmp_path) -> list:
     """(arguments, text of the one stderr line) of bad command lines."""
-    bad = _bad_checkpoints(tmp_path)
+    _bad_checkpoints(tmp_path)
     (tmp_path / "afile").write_text("x")
     config = ["--config", DIGITS]
     sample = ["--mode", "sample", *config]
