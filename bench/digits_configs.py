@@ -3,6 +3,7 @@
 
     python bench/digits_configs.py [--configs vp/ddpm,ve/ncsn,...] [--runs-dir DIR]
         [--set [CONFIG:]KEY=VALUE ...] [--reuse] [--threads N] [--out-json F] [--out-md F]
+    python bench/digits_configs.py --render a.json,b.json [--out-json F] [--out-md F]
 
 For each config file configs/<sde>/<model>_digits.py (all of them by default) it trains a
 fresh run in RUNS_DIR/<sde>_<model> with ``run_lib.train.train`` (the config's own
@@ -15,15 +16,18 @@ samples_<method>.png / .npz / .json there) and measures against the 297 test dig
 * pixel FD: Frechet distance of the pixels in [0, 1] (64-D), as sample mode reports it;
 * feature FD: Frechet distance of the 64 penultimate features of the small digits CNN of
   bench/digits_samplers.py (trained here on the 1500 training digits, seed 0);
-* confidence: the CNN's mean top-1 softmax probability on the samples (noise and blobs get
-  low confidence; real test digits get the value in the floor row), the number of classes
-  it predicts (of 10) and the largest predicted class's share;
+* confidence: the CNN's mean top-1 softmax probability on the samples (real test digits:
+  0.99; uniform noise images: also ~0.85, so it separates little), the number of classes it
+  predicts (of 10) and the largest predicted class's share (in the JSON);
 * distinct: the number of different uint8 images among the samples (a collapse to one
   pattern gives 1).
 
-Floors: the same measures for the 1500 training digits against the test digits, and for as
-many training digits as there are samples (an FD of n samples is biased upward by ~1/n).
-Seconds are wall-clock of this process (training includes its scheduled evaluations and
+References: the same measures for the 1500 training digits against the test digits (the
+floor), for as many training digits as there are samples (the floor for the rows: an FD of
+n samples is biased upward by ~1/n), and for as many images of uniform random pixels (the
+CNN is confident on those too, about 0.85: its confidence separates little).
+``--render`` joins the JSON of several runs (e.g. two halves of the configs run side by side
+in two processes) into one table. Seconds are wall-clock of this process (training includes its scheduled evaluations and
 the sample grid); the load average before and after each run is recorded, since timings on
 a shared machine mean little without it.
 """
@@ -106,8 +110,11 @@ class Judge:
         n = min(num_samples, len(train_u8))
         subset = train_u8[torch.randperm(len(train_u8),
                                          generator=torch.Generator().manual_seed(1))[:n]]
+        noise = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8,
+                              generator=torch.Generator().manual_seed(2))
         self.floors = {"all_training_digits": self.measure(train_u8),
                        f"{n}_training_digits": self.measure(subset),
+                       f"{n}_uniform_noise_images": self.measure(noise),
                        "test_digits_confidence": self.confidence(test_u8)[0]}
 
     def confidence(self, images_uint8: torch.Tensor) -> tuple[float, np.ndarray]:
@@ -194,7 +201,7 @@ def markdown(rows, floors) -> str:
             str(r["classes"]), str(r["distinct"])]) + " |")
     for label, f in floors.items():
         if isinstance(f, dict):
-            lines.append(f"| floor: {label.replace('_', ' ')} | | | | | {f['pixel_fd']:.3f} | "
+            lines.append(f"| reference: {label.replace('_', ' ')} | | | | | {f['pixel_fd']:.3f} | "
                          f"{f['feature_fd']:.1f} | {f['confidence']:.3f} | {f['classes']} | "
                          f"{f['distinct']} |")
     return "\n".join(lines)
@@ -214,11 +221,29 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out-json")
     p.add_argument("--out-md")
+    p.add_argument("--render", help="comma-separated JSON files of earlier runs: join their "
+                   "rows into one table (runs nothing)")
     return p.parse_args(argv)
+
+
+def render(args) -> int:
+    parts = [json.loads(Path(f).read_text()) for f in args.render.split(",") if f]
+    rows = [row for part in parts for row in part["rows"]]
+    table = markdown(rows, parts[0]["floors"])
+    print(table)
+    if args.out_json:
+        Path(args.out_json).write_text(json.dumps(
+            {"settings": [p["settings"] for p in parts], "floors": parts[0]["floors"],
+             "rows": rows}, indent=1) + "\n")
+    if args.out_md:
+        Path(args.out_md).write_text(table + "\n")
+    return 0
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.render:
+        return render(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [n for n in args.configs.split(",") if n]
