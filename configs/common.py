@@ -31,6 +31,19 @@ def optim_group(*, warmup: int) -> ml_collections.ConfigDict:
         lr=2e-3, beta1=0.9, eps=1e-8, weight_decay=0.0, warmup=warmup, grad_clip=1.0))
 
 
+def eval_group(*, likelihood_samples: int, batch_size: int, trace: str) -> ml_collections.ConfigDict:
+    """The ODE likelihood's options (run_lib.evaluate.likelihood, samplers.likelihood):
+    ``likelihood_samples`` test points (0: the whole split), ``batch_size`` points per ODE solve
+    (0: all at once), the divergence ``trace`` ('hutchinson' with ``probes`` Rademacher /
+    Gaussian probes, as the Score SDE code, or 'exact'), the start time ``likelihood_eps`` (Score
+    SDE: 1e-5), the solver and its tolerances; ``num_steps`` is for fixed-grid methods (None:
+    the solver's default)."""
+    return ml_collections.ConfigDict(dict(
+        likelihood_samples=likelihood_samples, batch_size=batch_size, likelihood_eps=1e-5,
+        trace=trace, probes=1, ode_method="dopri5", rtol=1e-5, atol=1e-5,
+        num_steps=ml_collections.config_dict.placeholder(int)))
+
+
 def sampling_group(*, num_samples: int) -> ml_collections.ConfigDict:
     """The samplers' options, one group per entry of the registry samplers.SAMPLERS with its
     defaults (``config.sampling.pc.snr``, ``config.sampling.dpm_solver.order``, ...), the

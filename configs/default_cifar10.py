@@ -9,7 +9,7 @@ with data.download=True it is fetched there when missing (run_lib.datasets.load_
 """
 import ml_collections
 
-from configs.common import optim_group, sampling_group, sde_group, training_group
+from configs.common import eval_group, optim_group, sampling_group, sde_group, training_group
 
 
 def get_default_configs():
@@ -44,16 +44,8 @@ def get_default_configs():
 
     config.sampling = sampling = sampling_group(num_samples=64)
     sampling.batch_size = 0         # images per sampler call (0: all at once)
-    config.eval = evaluate = ml_collections.ConfigDict()
-    evaluate.likelihood_samples = 0     # test images for bits/dim (0: all 10,000)
-    evaluate.batch_size = 500           # images per ODE solve
-    evaluate.likelihood_eps = 1e-5
-    evaluate.trace = "hutchinson"       # the Score SDE code: one Rademacher/Gaussian probe
-    evaluate.probes = 1
-    evaluate.ode_method = "dopri5"
-    evaluate.rtol = 1e-5
-    evaluate.atol = 1e-5
-    evaluate.num_steps = ml_collections.config_dict.placeholder(int)  # fixed-grid methods; None: the solver's default
+    # likelihood_samples 0: all 10,000 test images
+    config.eval = eval_group(likelihood_samples=0, batch_size=500, trace="hutchinson")
     return config
 
 

@@ -2,7 +2,7 @@
 training): a tiny DDPM U-Net that trains in a few minutes on a CPU."""
 import ml_collections
 
-from configs.common import optim_group, sampling_group, sde_group, training_group
+from configs.common import eval_group, optim_group, sampling_group, sde_group, training_group
 
 
 def get_default_configs():
@@ -17,7 +17,8 @@ def get_default_configs():
     data.image_size = 8
     data.num_channels = 1
     data.centered = True            # pixels in [-1, 1]
-    data.random_flip = None         # None: the data set's default (never for digits)
+    # None: the data set's default (never for digits); a placeholder so the CLI can set it
+    data.random_flip = ml_collections.config_dict.placeholder(bool)
     data.dequantize = False
 
     # sigma_max: the largest distance between two training images is 9.6
@@ -47,14 +48,6 @@ def get_default_configs():
     config.optim = optim_group(warmup=50)
     config.sampling = sampling_group(num_samples=100)
     config.sampling.batch_size = 0      # images per sampler call (0: all at once)
-    config.eval = evaluate = ml_collections.ConfigDict()
-    evaluate.likelihood_samples = 0     # test images for bits/dim (0: the whole split, 297)
-    evaluate.batch_size = 0             # images per ODE solve (0: all at once)
-    evaluate.likelihood_eps = 1e-5      # the ODE starts at eps (Score SDE: 1e-5)
-    evaluate.trace = "hutchinson"       # hutchinson | exact (D = 64: exact is affordable)
-    evaluate.probes = 1
-    evaluate.ode_method = "dopri5"
-    evaluate.rtol = 1e-5
-    evaluate.atol = 1e-5
-    evaluate.num_steps = ml_collections.config_dict.placeholder(int)  # fixed-grid methods; None: the solver's default
+    # likelihood_samples 0: all 297 test digits; trace "exact" is affordable at D = 64
+    config.eval = eval_group(likelihood_samples=0, batch_size=0, trace="hutchinson")
     return config

@@ -3,7 +3,7 @@ by the same loop as images (run_lib.train): the data set is run_lib.datasets.Mix
 whose closed-form density adds exact evaluations (score error, true NLL, mode weights)."""
 import ml_collections
 
-from configs.common import optim_group, sampling_group, sde_group, training_group
+from configs.common import eval_group, optim_group, sampling_group, sde_group, training_group
 
 
 def get_default_configs():
@@ -42,16 +42,7 @@ def get_default_configs():
     config.sampling = sampling_group(num_samples=4096)
     config.sampling.batch_size = 0  # samples per sampler call (0: all at once)
 
-    config.eval = evaluate = ml_collections.ConfigDict()
+    config.eval = evaluate = eval_group(likelihood_samples=1024, batch_size=0, trace="exact")
     evaluate.score_error_samples = 8192  # draws of the relative score error (training evals)
     evaluate.score_error_eps = 1e-3      # smallest time of the score error
-    evaluate.likelihood_samples = 1024   # test points for the ODE likelihood (0: all)
-    evaluate.batch_size = 0              # points per ODE solve (0: all at once)
-    evaluate.likelihood_eps = 1e-5       # the ODE starts at eps; logp is that of p_eps
-    evaluate.trace = "exact"             # exact | hutchinson
-    evaluate.probes = 1
-    evaluate.ode_method = "dopri5"
-    evaluate.rtol = 1e-5
-    evaluate.atol = 1e-5
-    evaluate.num_steps = ml_collections.config_dict.placeholder(int)  # fixed-grid methods; None: the solver's default
     return config

@@ -67,6 +67,23 @@ def test_every_config_file_passes_for_every_mode(path, mode):
     validate_config(load_config_file(str(path)), mode)
 
 
+def _none_leaves(config, prefix=""):
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _none_leaves(value, f"{prefix}{key}.")
+        elif value is None:
+            yield f"{prefix}{key}", config.get_type(key)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_none_value_is_a_typed_placeholder(path):
+    """A plain None field takes no value from the command line (ml_collections keeps its
+    type, NoneType): every None must be placeholder(<type>) so --config.<key>=... works."""
+    untyped = [key for key, kind in _none_leaves(load_config_file(str(path)))
+               if kind is type(None)]
+    assert not untyped, f"plain None (use ml_collections.config_dict.placeholder): {untyped}"
+
+
 def test_the_demo_configs_pass():
     from run_lib.demo import DEMO_RUNS, demo_config
     for name in DEMO_RUNS:
