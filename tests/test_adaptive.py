@@ -1,6 +1,6 @@
 """Adaptive-step DPM-Solver (samplers/adaptive.py) on the 64-D spread Gaussian (exact score):
 quality at DPM-Solver's default tolerances, cost as the tolerance loosens, and the config keys
-(sampling.adaptive_rtol / adaptive_atol) that main.py --sampler dpm_adaptive uses.
+(sampling.dpm_adaptive.rtol / .atol) that main.py --sampler dpm_adaptive uses.
 
 Floor: the FD between two independent true sets of 2000 (0.108). Convergence of the error at
 eps against rtol on the 4-D flow problem is in tests/test_edm.py.

@@ -14,10 +14,15 @@ TINY = {"device": "cpu", "model.nf": 8, "training.batch_size": 16,
 
 
 def test_demo_settings_apply_under_overrides():
+    assert set(demo.DEMO_SETTINGS) == set(demo.DEMO_RUNS)
+    for name, settings in demo.DEMO_SETTINGS.items():
+        config = demo.demo_config(name, n_iters=10)
+        for key, value in settings.items():
+            node = config
+            for part in key.split("."):
+                node = node[part]
+            assert node == value, (name, key)
     config = demo.demo_config("vp", n_iters=10)
-    for key, value in demo.DEMO_SETTINGS.items():
-        group, field = key.rsplit(".", 1)
-        assert config[group][field] == value
     assert demo.demo_config("vp", n_iters=10, overrides={"eval.rtol": 1e-2}).eval.rtol == 1e-2
     assert config.training.n_iters == config.training.snapshot_freq == 10
 
