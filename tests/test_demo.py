@@ -37,6 +37,15 @@ def test_runs_side_by_side_equal_runs_in_turn(tmp_path):
     side_by_side = demo.run_demo(tmp_path / "side", n_iters=2, progress=False, overrides=TINY,
                                  parallel=True)
     assert side_by_side == in_turn
+    lines = in_turn.splitlines()
+    assert [line.split(" | ")[1] for line in lines[2:]] == ["vpsde", "vesde"]
+    assert "pc: NFE / pixel FD" in lines[0] and "ode: NFE / pixel FD" in lines[0]
+    for name in demo.DEMO_RUNS:
+        assert (tmp_path / "turn" / name / "samples_pc.png").exists()
+        # N = 40 predictor steps and no corrector (DEMO_SETTINGS); the denoised output is
+        # the last step's mean, no extra evaluation
+        assert json.loads((tmp_path / "turn" / name / "samples_pc.json").read_text())["nfe"] == 40
+    assert (tmp_path / "turn" / "comparison.md").read_text().strip() == in_turn
     times = json.loads((tmp_path / "side" / "demo_times.json").read_text())
     assert times["parallel"] is True and set(times["runs"]) == set(demo.DEMO_RUNS)
     for phases in times["runs"].values():

@@ -176,22 +176,6 @@ def test_main_user_errors_are_one_line(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
-def test_demo_trains_samples_and_compares(tmp_path):
-    from run_lib.demo import run_demo
-    overrides = {"device": "cpu", "model.nf": 8, "training.batch_size": 16,
-                 "training.snapshot_freq_for_preemption": 2, "sde.num_scales": 40,
-                 "sampling.num_samples": 4, "eval.likelihood_samples": 4, "eval.rtol": 1e-2,
-                 "eval.atol": 1e-2, "training.log_freq": 1}
-    table = run_demo(tmp_path, n_iters=2, progress=False, overrides=overrides)
-    lines = table.splitlines()
-    assert [line.split(" | ")[1] for line in lines[2:]] == ["vpsde", "vesde"]
-    assert "pc: NFE / pixel FD" in lines[0] and "ode: NFE / pixel FD" in lines[0]
-    for name in ("vp", "ve"):
-        assert (tmp_path / name / "samples_pc.png").exists()
-        assert json.loads((tmp_path / name / "samples_pc.json").read_text())["nfe"] == 80  # 40 x (corrector + predictor); denoised = last mean
-    assert (tmp_path / "comparison.md").read_text().strip() == table
-
-
 def test_sample_from_an_official_score_sde_checkpoint(tmp_path):
     """A checkpoint in the official Score SDE format ('module.' keys, EMA as a bare
     shadow_params list) samples through --checkpoint with its EMA weights."""
