@@ -31,6 +31,14 @@ def _per_sample(value, batch: int, device) -> torch.Tensor:
     return v.expand(batch).reshape(batch, 1, 1) if v.ndim == 0 else v.reshape(batch, 1, 1)
 
 
+def _sum_last(v: torch.Tensor) -> torch.Tensor:
+    """v.sum(-1); over a short last axis (2-D toy data) as a product with ones, which runs
+    ~20x faster than torch's CPU reduction over a short innermost axis."""
+    if v.shape[-1] > 8:
+        return v.sum(-1)
+    return (v @ v.new_ones(v.shape[-1], 1)).squeeze(-1)
+
+
 class GaussianMixture:
     """Mixture of K Gaussians in D = prod(event_shape) dimensions, stored in float64.
 
@@ -125,10 +133,11 @@ class GaussianMixture:
         residual = flat[:, None, :] - a * means[None]                        # (B, K, D)
         y = torch.einsum("bkd,kde->bke", residual, vecs)                      # rotated residual
         var = a ** 2 * vals[None] + s ** 2                                    # (B, K, D)
-        log_normal = -0.5 * (self.dim * math.log(2 * math.pi) + var.log().sum(-1)
-                             + (y ** 2 / var).sum(-1))
+        whitened = y / var
+        log_normal = -0.5 * (self.dim * math.log(2 * math.pi)
+                             + _sum_last(var.log() + y * whitened))
         log_joint = self.weights.to(flat.device).log()[None] + log_normal     # (B, K)
-        return log_joint, y / var, vecs
+        return log_joint, whitened, vecs
 
     def log_prob(self, x: torch.Tensor, alpha=1.0, std=0.0) -> torch.Tensor:
         """log p(x) (nats) of the mixture perturbed with alpha, std (floats or (B,)); (B,) float64."""

@@ -5,6 +5,7 @@ be read, gives one line that names the key or the file, and nothing is written.
 
 Most cases go through validate_config and the loaders directly (fast); a few run
 ``python main.py`` to check the exit code, the single stderr line and the untouched disk."""
+import concurrent.futures
 import math
 import os
 import pickle
@@ -501,16 +502,18 @@ def _cli_cases(tmp_path) -> list:
 
 
 def test_main_reports_bad_input_in_one_line_and_writes_nothing(tmp_path):
-    for args, text in _cli_cases(tmp_path):
-        workdir = tmp_path / "w"
-        if "--workdir" not in args:
-            args = [*args, "--workdir", workdir]
-        done = main_py(*args)
+    """Each case in its own process with its own work directory, two at a time (one per
+    core: each process mostly imports torch)."""
+    cases = [(args if "--workdir" in args else [*args, "--workdir", tmp_path / f"w{k}"], text)
+             for k, (args, text) in enumerate(_cli_cases(tmp_path))]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda case: main_py(*case[0]), cases))
+    for (args, text), done in zip(cases, results):
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 1, (args, done.stderr[-2000:])
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, lines)
         assert text in lines[0], (args, lines)
-        assert not workdir.exists(), args
+    assert not any(p.name.startswith("w") and p.is_dir() for p in tmp_path.iterdir())
     assert not (tmp_path / "pwned").exists()
 
 

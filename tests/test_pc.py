@@ -58,10 +58,13 @@ def check_mixture(mixture, x):
     assert frechet_distance(x.double(), true_x) < max(3 * floor, 5e-3)
 
 
-@pytest.mark.parametrize("sde_name", SDES)
+@pytest.mark.parametrize("sde_name", [pytest.param("vp", marks=pytest.mark.slow),
+                                      pytest.param("subvp", marks=pytest.mark.slow), "ve"])
 def test_pc_recovers_64d_gaussian(gaussian, sde_name):
     """Reverse diffusion + Langevin (the Score SDE default), 1000 steps: Frechet distance
-    within 1.5x the floor (measured 1.10x VP, 1.10x sub-VP, 1.23x VE)."""
+    within 1.5x the floor (measured 1.10x VP, 1.10x sub-VP, 1.23x VE). The default run takes
+    VE, the closest to its bound; tests/test_sampler_contract.py checks the same sampler on
+    every SDE at 1.5x the floor on a 16-D spread Gaussian."""
     dist, reference, floor = gaussian
     sde = pc_sde(sde_name)
     result = samplers.pc_sample(dist.score_fn(sde), sde, (N_GAUSS, 64), dtype=F64,
@@ -113,11 +116,10 @@ def mixture_case(sde_name, predictor, corrector, slow=True):
                         id=f"{sde_name}-{predictor}-{corrector}")
 
 
-# The default run covers each SDE with the default pair and each predictor / corrector once;
+# The default run covers each SDE and each predictor and corrector once (about 30 s a case);
 # `pytest -m slow` runs every other combination.
-FAST_CASES = {("vp", "reverse_diffusion", "langevin"), ("subvp", "reverse_diffusion", "langevin"),
-              ("ve", "reverse_diffusion", "langevin"), ("vp", "ancestral_sampling", "langevin"),
-              ("subvp", "euler_maruyama", "ald"), ("ve", "euler_maruyama", "ald")}
+FAST_CASES = {("ve", "reverse_diffusion", "langevin"), ("vp", "ancestral_sampling", "langevin"),
+              ("subvp", "euler_maruyama", "ald")}
 MIXTURE_CASES = [
     mixture_case(sde_name, predictor, corrector, (sde_name, predictor, corrector) not in FAST_CASES)
     for sde_name in SDES
