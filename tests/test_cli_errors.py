@@ -492,6 +492,9 @@ def _cli_cases(tmp_path) -> list:
          "config.training.batch_size must be an integer >= 1, got 0"),
         ([*config, "--workdir", tmp_path / "afile"], f"--workdir {tmp_path / 'afile'} is a file"),
         (["--config.training.n_iters=5"], "no --config was given"),
+        (sample, "no checkpoint at"),
+        (["--config", "configs/ve/ncsn_cifar.py", "--config.data.data_dir", tmp_path / "none"],
+         "CIFAR-10 not found: put"),
         ([*config, "--checkpoint", tmp_path / "good.pt"],
          "--checkpoint applies to --mode sample / likelihood, not --mode train"),
         *[([*sample, "--checkpoint", tmp_path / name], f"{tmp_path / name} {text}")
