@@ -54,6 +54,7 @@ sys.path.append(str(ROOT / "bench"))       # after the packages: bench/models.py
 from digits_samplers import features, pixels, train_classifier  # noqa: E402
 from run_lib.datasets import load_digits_images  # noqa: E402
 from samplers.metrics import frechet_distance  # noqa: E402
+from run_lib.validate import ConfigError, check_override_key  # noqa: E402
 
 #: Every digits config, as <sde>/<model> (configs/<sde>/<model>_digits.py).
 CONFIGS = ("vp/ddpm", "vp/ddpmpp", "subvp/ddpm", "subvp/ddpmpp", "ve/ddpm", "ve/ncsnpp",
@@ -80,14 +81,12 @@ def apply_overrides(config, name: str, overrides) -> dict:
         if target and target != name:
             continue
         key, _, value = assignment.partition("=")
-        group, _, field = key.rpartition(".")
-        node = config
-        for part in filter(None, group.split(".")):
-            node = node[part]
-        if field not in node:
-            raise SystemExit(f"--set {item}: config has no key {key!r}")
-        node[field] = parse_value(value)
-        applied[key] = node[field]
+        try:
+            check_override_key(config, key)
+        except ConfigError as error:
+            raise SystemExit(f"--set {item}: {error}") from None
+        config.update_from_flattened_dict({key: parse_value(value)})
+        applied[key] = parse_value(value)
     return applied
 
 

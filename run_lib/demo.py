@@ -26,6 +26,7 @@ import torch
 from . import evaluate
 from .train import train
 from .utils import pick_device
+from .validate import check_override_key
 
 __all__ = ["DEMO_RUNS", "DEMO_SETTINGS", "demo_config", "run_demo", "run_one"]
 
@@ -46,14 +47,6 @@ DEMO_SETTINGS = {"vp": {**_SHARED_SETTINGS, "eval.rtol": 1e-3, "eval.atol": 1e-3
                  "ve": {**_SHARED_SETTINGS, "eval.rtol": 1e-4, "eval.atol": 1e-4}}
 
 
-def _set(config, key: str, value) -> None:
-    group, _, field = key.rpartition(".")
-    target = config
-    for part in filter(None, group.split(".")):
-        target = target[part]
-    target[field] = value
-
-
 def demo_config(name: str, *, n_iters: int, overrides: dict | None = None):
     """The config of demo run ``name`` with ``n_iters`` training steps, DEMO_SETTINGS[name] and
     dotted overrides ({"sampling.num_samples": 64, ...}), in that order."""
@@ -62,8 +55,10 @@ def demo_config(name: str, *, n_iters: int, overrides: dict | None = None):
     config.training.snapshot_freq = n_iters
     config.training.sample_freq = n_iters          # one grid of the final EMA weights
     config.training.eval_freq = max(1, n_iters // 10)
-    for key, value in {**DEMO_SETTINGS[name], **(overrides or {})}.items():
-        _set(config, key, value)
+    settings = {**DEMO_SETTINGS[name], **(overrides or {})}
+    for key in settings:
+        check_override_key(config, key)     # ConfigError naming the closest key
+    config.update_from_flattened_dict(settings)
     return config
 
 
