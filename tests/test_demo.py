@@ -50,5 +50,6 @@ def test_runs_side_by_side_equal_runs_in_turn(tmp_path):
     assert times["parallel"] is True and set(times["runs"]) == set(demo.DEMO_RUNS)
     for phases in times["runs"].values():
         assert set(phases) == {"train", "pc", "ode", "likelihood", "total"}
-        assert phases["total"] >= phases["train"] + phases["likelihood"]
+        # each phase is rounded to 0.1 s on its own
+        assert phases["total"] >= phases["train"] + phases["likelihood"] - 0.1
     assert not json.loads((tmp_path / "turn" / "demo_times.json").read_text())["parallel"]
