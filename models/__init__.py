@@ -8,8 +8,9 @@ Plain arguments only: building from a config is run_lib.compose's job
 
 Layout: the networks (mlp.py, ddpm.py, ncsnpp.py, ncsn.py), the layers DDPM and NCSN++ share
 (layers.py), FIR resampling (fir.py), embeddings and normalisations, the score wrapper
-(score.py), the EMA (ema.py) and the conversion of official Score SDE checkpoints
-(checkpoints.py).
+(score.py), the EMA (ema.py), the conversion of official Score SDE checkpoints
+(checkpoints.py) and the noise-conditional classifiers for guidance (classifier.py:
+CLASSIFIERS, build_classifier, get_logits_fn).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from torch import nn
 
 from sde_lib import check_choice
 
+from .classifier import (ConvClassifier, MLPClassifier, WideResNetClassifier,
+                         classifier_conditioning, get_logits_fn)
 from .checkpoints import (convert_score_sde_state_dict, is_score_sde_checkpoint,
                           load_state_dict_strict)
 from .ddpm import DDPM
@@ -36,7 +39,9 @@ __all__ = ["MODELS", "build_model", "get_score_fn", "DISCRETE_LABELS", "VP_TIME_
            "conv_downsample_2d", "FIRConv2d", "ExponentialMovingAverage",
            "DDPM", "convert_score_sde_state_dict", "load_state_dict_strict",
            "is_score_sde_checkpoint", "NCSNpp", "NCSN", "NCSNv2", "InstanceNorm2dPlus",
-           "ConditionalInstanceNorm2dPlus"]
+           "ConditionalInstanceNorm2dPlus", "CLASSIFIERS", "build_classifier", "get_logits_fn",
+           "classifier_conditioning", "MLPClassifier", "ConvClassifier",
+           "WideResNetClassifier"]
 
 #: Model name -> network class; each class takes explicit keyword arguments (its docstring).
 MODELS = {"mlp": MLPScoreNet, "ddpm": DDPM, "ncsnpp": NCSNpp, "ncsn": NCSN, "ncsnv2": NCSNv2}
@@ -50,3 +55,18 @@ def build_model(name: str, **kwargs) -> nn.Module:
                         "from a config use run_lib.compose.build_model(config)")
     check_choice("model name", name, MODELS)
     return MODELS[name](**kwargs)
+
+
+#: Classifier name -> noise-conditional classifier class (models/classifier.py); each is called
+#: as classifier(x (B, ...), log_sigma (B,)) -> logits (B, num_classes).
+CLASSIFIERS = {"mlp": MLPClassifier, "conv": ConvClassifier, "wideresnet": WideResNetClassifier}
+
+
+def build_classifier(name: str, **kwargs) -> nn.Module:
+    """The classifier ``CLASSIFIERS[name]`` built from its keyword arguments, e.g.
+    ``build_classifier("mlp", data_shape=(2,), num_classes=8)``; wrap it with
+    ``get_logits_fn(sde, classifier)``."""
+    if not isinstance(name, str):
+        raise TypeError("models.build_classifier takes a classifier name and keyword arguments")
+    check_choice("classifier name", name, CLASSIFIERS)
+    return CLASSIFIERS[name](**kwargs)

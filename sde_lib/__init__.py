@@ -8,7 +8,8 @@ Plain arguments only: building from a config is run_lib.compose's job.
 """
 from __future__ import annotations
 
-from .losses import discrete_dsm_losses, dsm_losses, get_loss_fn, sample_time
+from .losses import (classifier_losses, discrete_dsm_losses, dsm_losses, get_classifier_loss_fn,
+                     get_loss_fn, sample_time)
 from .mixtures import (TOY_DISTRIBUTIONS, GaussianMixture, eight_mode_mixture, spread_gaussian,
                        toy_distribution)
 from .sdes import SDE, VESDE, VPSDE, reverse_drift, subVPSDE
@@ -17,7 +18,8 @@ from .utils import (SCHEDULE_DTYPE, append_dims, batch_time, check_bool, check_c
 
 __all__ = [
     "SDE", "VPSDE", "subVPSDE", "VESDE", "SDES", "build_sde", "reverse_drift",
-    "dsm_losses", "discrete_dsm_losses", "get_loss_fn", "sample_time",
+    "dsm_losses", "discrete_dsm_losses", "get_loss_fn", "sample_time", "classifier_losses",
+    "get_classifier_loss_fn",
     "GaussianMixture", "eight_mode_mixture", "spread_gaussian", "toy_distribution",
     "TOY_DISTRIBUTIONS", "append_dims", "batch_time", "SCHEDULE_DTYPE",
     "check_int", "check_real", "check_choice", "check_bool", "check_time",

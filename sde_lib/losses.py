@@ -20,7 +20,8 @@ import torch
 from .sdes import SDE
 from .utils import append_dims, check_bool, check_time
 
-__all__ = ["dsm_losses", "discrete_dsm_losses", "sample_time", "get_loss_fn"]
+__all__ = ["dsm_losses", "discrete_dsm_losses", "sample_time", "get_loss_fn",
+           "classifier_losses", "get_classifier_loss_fn"]
 
 
 def _reduce(squared: torch.Tensor, reduce_mean: bool) -> torch.Tensor:
@@ -152,3 +153,44 @@ def get_loss_fn(sde: SDE, *, continuous: bool = True, reduce_mean: bool = False,
         return discrete_dsm_losses(score_fn, sde, x, reduce_mean=reduce_mean,
                                    class_labels=class_labels, generator=generator).mean()
     return discrete_loss_fn
+
+
+# ----------------------------------------------------------------------------- classifiers
+
+def classifier_losses(logits_fn: Callable, sde: SDE, x: torch.Tensor, labels: torch.Tensor, *,
+                      eps: float = 1e-5, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Cross-entropy of a noise-conditional classifier on perturbed data, per sample.
+
+    t ~ U(eps, T) (``sample_time``), x_t = alpha(t) x + std(t) z, loss = -log p_phi(y | x_t, t):
+    the training objective of the time-dependent classifier of classifier guidance (Song et
+    al. 2021, Sec. 5 and App. I.1; Dhariwal & Nichol 2021, Sec. 4).
+
+    Args:
+        logits_fn: (x_t (B, ...), t (B,)) -> (B, C) logits (``models.get_logits_fn``).
+        x: clean data x_0, shape (B, ...).
+        labels: (B,) long class indices in [0, C).
+        eps: smallest time sampled.
+        generator: the draws of t and z.
+    Returns:
+        (B,) losses in the logits' dtype.
+    """
+    if labels.shape != (x.shape[0],):
+        raise ValueError(f"labels must have shape ({x.shape[0]},) like x's batch, got "
+                         f"{tuple(labels.shape)}")
+    t, _ = sample_time(sde, x.shape[0], eps=eps, generator=generator, device=x.device)
+    t = t.to(x.dtype)
+    alpha, std = sde.marginal_coeffs(t)
+    alpha, std = (append_dims(c.to(x.dtype), x.ndim) for c in (alpha, std))
+    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    logits = logits_fn(alpha * x + std * z, t)
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+
+
+def get_classifier_loss_fn(sde: SDE, *, eps: float = 1e-5) -> Callable:
+    """Validate ``eps`` once and return ``loss_fn(logits_fn, x, labels, *, generator=None) ->
+    scalar``, the batch mean of ``classifier_losses``."""
+    check_time("eps (the smallest training time)", eps, sde.T)
+
+    def loss_fn(logits_fn, x, labels, *, generator=None):
+        return classifier_losses(logits_fn, sde, x, labels, eps=eps, generator=generator).mean()
+    return loss_fn
