@@ -19,6 +19,7 @@ from .ald import ald_sample, check_ald_options
 from .edm import check_edm_options, edm_sample, edm_sigmas
 from .fast import (DPM_ALGORITHMS, SPACINGS, check_ddim_options, check_dpm_solver_options,
                    ddim_sample, dpm_solver_sample, timesteps)
+from .guidance import classifier_free_guidance, classifier_guidance, dynamic_thresholding
 from .harness import Harness, SampleResult, Sampler, Schedule, SchedulePoint
 from .likelihood import (PROBE_NOISES, TRACE_ESTIMATORS, BitsPerDimResult, LikelihoodResult,
                          bits_per_dim, log_likelihood)
@@ -30,7 +31,8 @@ __all__ = ["SampleResult", "SAMPLERS", "Sampler", "Harness", "Schedule", "Schedu
            "edm_sample", "dpm_solver_adaptive_sample", "log_likelihood", "bits_per_dim",
            "LikelihoodResult", "BitsPerDimResult", "PREDICTORS", "CORRECTORS", "ODE_METHODS",
            "TRACE_ESTIMATORS", "PROBE_NOISES", "timesteps", "SPACINGS", "DPM_ALGORITHMS",
-           "edm_sigmas"]
+           "edm_sigmas", "classifier_free_guidance", "classifier_guidance",
+           "dynamic_thresholding"]
 
 #: The samplers by name (main.py --sampler, config.sampling.<name>).
 SAMPLERS = {

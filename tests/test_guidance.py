@@ -1,0 +1,317 @@
+"""Guidance as score transforms (samplers/guidance.py), checked on a class-labelled Gaussian
+mixture whose every piece is closed form (sde_lib.mixtures.LabelledMixture).
+
+The test bed: testbed.eight_mode_mixture (8 modes on a circle of radius 2, std 0.15, weights
+1..8 / 36 in angular order) with class k % 3 for mode k: class 0 = modes {0, 3, 6} (weights
+1, 4, 7), class 1 = {1, 4, 7} (2, 5, 8), class 2 = {2, 5} (3, 6). Every class has modes of
+unequal weight and every mode's neighbours belong to other classes, so p(x | y), the
+classifier p_t(y | x) and the guided scores are all non-trivial. Under VP, sub-VP and VE
+they are Gaussian mixtures in closed form at every t:
+
+* closed form: the class-conditional score, the classifier gradient and the CFG score agree
+  with torch.autograd of the closed-form log-densities; classifier guidance with the exact
+  classifier at scale 1 and classifier-free guidance at w = 0 both give the exact
+  conditional score to float64 round-off, and CFG at w > 0 the closed-form guided score.
+* sampling: guided samplers recover p(x | y) (mode weights within each class, per-mode
+  Frechet distance to the exact component) and follow the guided score for w > 0.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import models
+import samplers
+import sde_lib
+from samplers.guidance import classifier_log_prob_gradient, threshold_prediction
+from samplers.harness import Schedule
+from samplers.metrics import frechet_from_moments, sample_moments
+from sde_lib.mixtures import LabelledMixture
+from testbed import SDE_PARAMS, SDES, eight_mode_mixture
+
+F64 = torch.float64
+NUM_CLASSES = 3
+
+
+def labelled_mixture(**kwargs) -> LabelledMixture:
+    """The test bed's 8-mode mixture with class k % 3 for mode k."""
+    return LabelledMixture.from_mixture(eight_mode_mixture(**kwargs), torch.arange(8) % NUM_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def mix():
+    return labelled_mixture()
+
+
+def random_points(n: int, seed: int = 0):
+    """x (n, 2) spread over and beyond the circle, t (n,) in [0.01, 1], labels (n,)."""
+    g = torch.Generator().manual_seed(seed)
+    x = 2.5 * torch.randn(n, 2, generator=g, dtype=F64)
+    t = 0.01 + 0.99 * torch.rand(n, generator=g, dtype=F64)
+    return x, t, torch.randint(0, NUM_CLASSES, (n,), generator=g)
+
+
+def autograd_score(log_density, x):
+    """grad_x sum(log_density(x)) by torch.autograd."""
+    x = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(log_density(x).sum(), x)
+    return grad
+
+
+# ----- the closed-form pieces ---------------------------------------------------------------
+def test_labelled_mixture_pieces_are_consistent(mix):
+    """p(y) sums the class's weights; sum_y p(y) p(x | y) = p(x); log p(y | x) is a normalised
+    log-probability equal to log p(y) + log p(x | y) - log p(x) (Bayes); the null label gives
+    the unconditional density and score."""
+    torch.testing.assert_close(mix.class_weights(), torch.tensor([12, 15, 9], dtype=F64) / 36)
+    x, t, y = random_points(64)
+    alpha, std = sde_lib.VPSDE().marginal_coeffs(t)
+    log_px = mix.log_prob(x, alpha, std)
+    log_pxy = torch.stack([mix.class_log_prob(x, c, alpha, std) for c in range(3)], dim=1)
+    total = torch.logsumexp(mix.class_weights().log() + log_pxy, dim=1)
+    torch.testing.assert_close(total, log_px, rtol=0, atol=1e-12)
+    logits = mix.classifier_logits(x, alpha, std)
+    torch.testing.assert_close(torch.logsumexp(logits, 1), torch.zeros(64, dtype=F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(logits, mix.class_weights().log() + log_pxy - log_px[:, None],
+                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(mix.class_log_prob(x, mix.null_label, alpha, std), log_px,
+                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(mix.class_score(x, mix.null_label, alpha, std),
+                               mix.score(x, alpha, std), rtol=0, atol=1e-12)
+    # p(x | y) is the class's own mixture
+    for c in range(3):
+        sub = mix.class_mixture(c)
+        torch.testing.assert_close(mix.class_log_prob(x, c, alpha, std), sub.log_prob(x, alpha, std),
+                                   rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("make_sde", SDE_PARAMS)
+def test_closed_form_scores_are_gradients_of_the_log_densities(mix, make_sde):
+    """At random (x, t, y): grad log p_t(x | y), grad log p_t(y | x) and the CFG score
+    (1 + w) grad log p_t(x | y) - w grad log p_t(x) equal torch.autograd of the closed-form
+    log-densities, to float64 round-off (scores are O(1 / std^2) <= 1e4 at t = 0.01)."""
+    sde = make_sde()
+    x, t, y = random_points(256, seed=1)
+    alpha, std = sde.marginal_coeffs(t)
+    scale = 1e-10 * (1 + 1 / std ** 2)[:, None]             # relative round-off of O(1/std^2) scores
+
+    def close(a, b):
+        assert ((a - b).abs() <= scale).all(), (a - b).abs().max()
+
+    close(mix.class_score(x, y, alpha, std),
+          autograd_score(lambda v: mix.class_log_prob(v, y, alpha, std), x))
+    close(mix.classifier_gradient(x, y, alpha, std),
+          autograd_score(lambda v: mix.classifier_logits(v, alpha, std).gather(1, y[:, None]), x))
+    for w in (0.0, 1.0, 3.0):
+        close(mix.guided_score(x, y, w, alpha, std), autograd_score(
+            lambda v: (1 + w) * mix.class_log_prob(v, y, alpha, std) - w * mix.log_prob(v, alpha, std), x))
+    # the exact functions of (x, t) under the SDE are the same pieces
+    close(mix.label_score_fn(sde)(x, t, y), mix.class_score(x, y, alpha, std))
+    close(mix.label_score_fn(sde)(x, t), mix.score(x, alpha, std))
+    close(mix.logits_fn(sde)(x, t), mix.classifier_logits(x, alpha, std))
+    close(mix.guided_score_fn(sde, y, 2.0)(x, t), mix.guided_score(x, y, 2.0, alpha, std))
+
+
+# ----- guidance transforms against the closed form ------------------------------------------
+@pytest.mark.parametrize("make_sde", SDE_PARAMS)
+def test_exact_classifier_guidance_at_scale_one_is_the_class_score(mix, make_sde):
+    """Bayes: grad log p_t(x) + grad log p_t(y | x) = grad log p_t(x | y), so classifier
+    guidance (autograd through the exact logits) at s = 1 is the exact conditional score,
+    and at s = 1 + w the CFG score of w."""
+    sde = make_sde()
+    x, t, y = random_points(256, seed=2)
+    alpha, std = sde.marginal_coeffs(t)
+    scale = 1e-10 * (1 + 1 / std ** 2)[:, None]
+    with torch.no_grad():                                    # as inside the sampler harness
+        guided = samplers.classifier_guidance(mix.score_fn(sde), mix.logits_fn(sde), y, 1.0)(x, t)
+        sharper = samplers.classifier_guidance(mix.score_fn(sde), mix.logits_fn(sde), y, 4.0)(x, t)
+    assert not guided.requires_grad
+    assert ((guided - mix.class_score(x, y, alpha, std)).abs() <= scale).all()
+    assert ((sharper - mix.guided_score(x, y, 3.0, alpha, std)).abs() <= scale).all()
+
+
+@pytest.mark.parametrize("make_sde", SDE_PARAMS)
+def test_classifier_free_guidance_is_the_closed_form_guided_score(mix, make_sde):
+    """CFG of the exact label-aware score: w = 0 is grad log p_t(x | y) exactly (one call of
+    the conditional score alone), w > 0 is (1 + w) grad log p_t(x | y) - w grad log p_t(x)."""
+    sde = make_sde()
+    x, t, y = random_points(256, seed=3)
+    alpha, std = sde.marginal_coeffs(t)
+    scale = 1e-10 * (1 + 1 / std ** 2)[:, None]
+    label_score = mix.label_score_fn(sde)
+    with torch.no_grad():
+        w0 = samplers.classifier_free_guidance(label_score, y, 0.0, mix.null_label)(x, t)
+        assert torch.equal(w0, mix.class_score(x, y, alpha, std))
+        for w in (0.5, 1.0, 3.0):
+            guided = samplers.classifier_free_guidance(label_score, y, w, mix.null_label)(x, t)
+            assert ((guided - mix.guided_score(x, y, w, alpha, std)).abs() <= scale).all(), w
+
+
+class RecordingLabelScore:
+    """A label-aware score that records the (batch, labels) of every call."""
+
+    def __init__(self, score_fn):
+        self.score_fn, self.calls = score_fn, []
+
+    def __call__(self, x, t, class_labels=None):
+        self.calls.append((x.shape[0], None if class_labels is None else class_labels.clone()))
+        return self.score_fn(x, t, class_labels)
+
+
+def test_cfg_makes_one_batched_call_per_evaluation(mix):
+    """For w > 0 each evaluation is one call on (2B, ...): the labels then the null labels;
+    for w = 0 one call on (B, ...) with the labels; an int label is broadcast to the batch."""
+    sde = sde_lib.VPSDE()
+    x, t, y = random_points(10, seed=4)
+    rec = RecordingLabelScore(mix.label_score_fn(sde))
+    samplers.classifier_free_guidance(rec, y, 2.0, mix.null_label)(x, t)
+    samplers.classifier_free_guidance(rec, y, 0.0, mix.null_label)(x, t)
+    samplers.classifier_free_guidance(rec, 1, 2.0, mix.null_label)(x, t)
+    (b1, l1), (b2, l2), (b3, l3) = rec.calls
+    assert b1 == 20 and torch.equal(l1, torch.cat([y, torch.full((10,), 3)]))
+    assert b2 == 10 and torch.equal(l2, y)
+    assert b3 == 20 and torch.equal(l3, torch.tensor([1] * 10 + [3] * 10))
+
+
+def test_classifier_gradient_keeps_no_graph_and_works_in_float32(mix):
+    """Under no_grad, for an x that itself requires grad: the gradient is taken on a detached
+    copy (x gets no .grad, the output has no graph); float32 states give float32 scores
+    within float32 round-off of the float64 ones."""
+    sde = sde_lib.VESDE()
+    x, t, y = random_points(32, seed=5)
+    x32 = x.float().requires_grad_(True)
+    guided = samplers.classifier_guidance(mix.score_fn(sde), mix.logits_fn(sde), y, 1.0)
+    with torch.no_grad():
+        out = guided(x32, t)
+    assert out.dtype == torch.float32 and not out.requires_grad and out.grad_fn is None
+    assert x32.grad is None
+    alpha, std = sde.marginal_coeffs(t)
+    exact = mix.class_score(x32.detach().double(), y, alpha, std)
+    assert ((out.double() - exact).abs() <= 1e-4 * (1 + exact.abs())).all()
+    grad = classifier_log_prob_gradient(mix.logits_fn(sde), x, t, y)
+    torch.testing.assert_close(grad, mix.classifier_gradient(x, y, alpha, std), rtol=1e-9, atol=1e-9)
+
+
+def test_classifier_guidance_with_a_label_aware_score(mix):
+    """score_labels='class' guides the conditional score further (s = 1: grad log p(x | y) +
+    grad log p(y | x) = the CFG score of w = 1); an int calls the score with that label for
+    every sample (the null label: the unconditional score)."""
+    sde = sde_lib.VPSDE()
+    x, t, y = random_points(64, seed=6)
+    alpha, std = sde.marginal_coeffs(t)
+    label_score, logits = mix.label_score_fn(sde), mix.logits_fn(sde)
+    scale = 1e-10 * (1 + 1 / std ** 2)[:, None]
+    cond = samplers.classifier_guidance(label_score, logits, y, 1.0, score_labels="class")(x, t)
+    null = samplers.classifier_guidance(label_score, logits, y, 1.0, score_labels=mix.null_label)(x, t)
+    assert ((cond - mix.guided_score(x, y, 1.0, alpha, std)).abs() <= scale).all()
+    assert ((null - mix.class_score(x, y, alpha, std)).abs() <= scale).all()
+
+
+# ----- argument checks ----------------------------------------------------------------------
+def _one_line_error(fn, match):
+    with pytest.raises(ValueError, match=match) as info:
+        fn()
+    assert "\n" not in str(info.value)
+
+
+def test_bad_arguments_raise_one_line_value_errors(mix):
+    sde = sde_lib.VPSDE()
+    score, label_score, logits = mix.score_fn(sde), mix.label_score_fn(sde), mix.logits_fn(sde)
+    y = torch.tensor([0, 1, 2, 0])
+    cfg, cg = samplers.classifier_free_guidance, samplers.classifier_guidance
+    x, t = torch.randn(4, 2, dtype=F64), torch.full((4,), 0.5, dtype=F64)
+    # scales, labels, null label
+    _one_line_error(lambda: cfg(label_score, y, -1.0, 3), "guidance_scale")
+    _one_line_error(lambda: cfg(label_score, y, math.nan, 3), "guidance_scale")
+    _one_line_error(lambda: cg(score, logits, y, -0.5), "guidance_scale")
+    _one_line_error(lambda: cfg(label_score, y.float(), 1.0, 3), "class_labels")
+    _one_line_error(lambda: cfg(label_score, y[:, None], 1.0, 3), "class_labels")
+    _one_line_error(lambda: cfg(label_score, torch.tensor([0, 5]), 1.0, 3, num_classes=3),
+                    r"class_labels must lie in \[0, num_classes=3\)")
+    _one_line_error(lambda: cfg(label_score, torch.tensor([0, 3]), 1.0, 3), "null label 3")
+    _one_line_error(lambda: cfg(label_score, y, 1.0, -1), "null_label")
+    _one_line_error(lambda: cg(score, logits, y, 1.0, score_labels="cond"), "score_labels")
+    # discovered at the first call: wrong batch, labels beyond the classifier's classes
+    _one_line_error(lambda: cfg(label_score, y, 1.0, 3)(torch.randn(5, 2, dtype=F64), 0.5),
+                    "4 labels but the sampler's batch is 5")
+    _one_line_error(lambda: cg(score, logits, torch.tensor([0, 1, 2, 7]), 1.0)(x, t),
+                    r"class_labels must lie in \[0, 3\)")
+    _one_line_error(lambda: cg(score, lambda v, s: logits(v, s)[:, 0], y, 1.0)(x, t),
+                    r"\(batch, num_classes\) logits")
+    # a score that takes no labels (TypeError) for CFG
+    _one_line_error(lambda: cfg(score, y, 1.0, 3)(x, t), "label-aware score_fn")
+
+
+def test_guidance_refuses_a_model_of_the_wrong_kind():
+    """CFG of an unconditional network (a DDPM built without num_classes refuses labels),
+    a null label beyond a conditional network's embedding, and plain classifier guidance of
+    a class-conditional network each name the fix in one line."""
+    sde = sde_lib.VPSDE()
+    kw = dict(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), image_size=4,
+              num_channels=1)
+    plain = models.get_score_fn(sde, models.build_model("ddpm", **kw).eval())
+    cond_net = models.get_score_fn(sde, models.build_model("ddpm", num_classes=3, **kw).eval())
+    x, t, y = torch.randn(2, 1, 4, 4), torch.full((2,), 0.5, dtype=F64), torch.tensor([0, 1])
+    logits = lambda v, s: v.reshape(2, -1)[:, :3]                    # noqa: E731
+    cfg, cg = samplers.classifier_free_guidance, samplers.classifier_guidance
+    _one_line_error(lambda: cfg(plain, y, 1.0, 3)(x, t), "class-conditional model.*num_classes")
+    _one_line_error(lambda: cfg(cond_net, y, 1.0, 3)(x, t), "null class")
+    _one_line_error(lambda: cg(cond_net, logits, y, 1.0)(x, t), "score_labels='class'")
+    # and the fixes work: a conditional network with a null class; score_labels for cg
+    with_null = models.get_score_fn(sde, models.build_model("ddpm", num_classes=4, **kw).eval())
+    with torch.no_grad():
+        assert cfg(with_null, y, 1.0, 3)(x, t).shape == x.shape
+        assert cg(cond_net, logits, y, 1.0, score_labels="class")(x, t).shape == x.shape
+
+
+# ----- dynamic thresholding -----------------------------------------------------------------
+def test_threshold_prediction_is_imagens_rule():
+    """Per sample s = max(1, quantile_p |x0|) (numpy's linear-interpolation quantile as the
+    oracle), clip(x0, -s, s) / s: inside [-1, 1]; a sample already inside is unchanged."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 3, 4, 4, generator=g, dtype=F64) * 1.8 - 0.9       # inside [-0.9, 0.9]
+    x0[1] *= 3.0                                                           # well outside
+    x0[2, 0, 0, 0] = 5.0                                                   # one outlier
+    out = threshold_prediction(x0, 0.995)
+    assert out.abs().max() <= 1.0
+    for i in range(6):
+        s = max(1.0, float(np.quantile(x0[i].abs().numpy(), 0.995)))
+        torch.testing.assert_close(out[i], x0[i].clamp(-s, s) / s, rtol=1e-12, atol=0)
+    for i in (0, 3, 4, 5):
+        assert torch.equal(out[i], x0[i])
+    capped = threshold_prediction(x0, 0.995, max_threshold=1.5)
+    torch.testing.assert_close(capped[1], x0[1].clamp(-1.5, 1.5) / 1.5, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("make_sde", SDE_PARAMS)
+def test_dynamic_thresholding_returns_the_score_of_the_clipped_prediction(make_sde):
+    """The thresholded score s' has Tweedie prediction (x + std^2 s') / alpha equal to the
+    thresholded prediction of s (in [-1, 1]), and is exactly s wherever that prediction was
+    already inside [-1, 1] with s_q = 1. Data: the 8-mode mixture shrunk into [-1, 1]
+    (radius 0.7, std 0.05) under a CFG score with w = 4, whose predictions overshoot."""
+    sde = make_sde()
+    mix = labelled_mixture(radius=0.7, std=0.05)
+    x, t, y = random_points(512, seed=7)
+    x = x * 0.4
+    guided = mix.guided_score_fn(sde, y, 4.0)
+    thresholded = samplers.dynamic_thresholding(guided, sde, 0.995)
+    alpha, std = sde.marginal_coeffs(t)
+    s, s_th = guided(x, t), thresholded(x, t)
+    x0, x0_th = Schedule.tweedie(x, s, alpha, std), Schedule.tweedie(x, s_th, alpha, std)
+    inside = (x0.abs() <= 1.0).all(dim=1)
+    assert 50 < inside.sum() < 500                       # both cases occur
+    assert torch.equal(s_th[inside], s[inside])
+    torch.testing.assert_close(x0_th, threshold_prediction(x0, 0.995), rtol=0, atol=1e-9)
+    assert x0_th.abs().max() <= 1.0 + 1e-9
+
+
+def test_dynamic_thresholding_bad_arguments():
+    sde = sde_lib.VPSDE()
+    score = labelled_mixture().score_fn(sde)
+    for p in (0.0, 1.5, math.nan, "x"):
+        _one_line_error(lambda: samplers.dynamic_thresholding(score, sde, p), "percentile")
+    _one_line_error(lambda: samplers.dynamic_thresholding(score, sde, max_threshold=0.5),
+                    "max_threshold")
