@@ -6,12 +6,15 @@
     python main.py --mode train      --config configs/vp/ddpm_digits.py --workdir runs/digits_vp
     python main.py --mode sample     --config configs/vp/ddpm_digits.py --workdir runs/digits_vp --sampler pc
     python main.py --mode likelihood --config configs/vp/ddpm_digits.py --workdir runs/digits_vp
+    python main.py --mode train_classifier --config configs/vp/ddpm_digits.py --workdir runs/digits_vp
     python main.py --mode compare    --workdir runs/digits_vp,runs/digits_ve
     python main.py --mode demo       --workdir runs/digits   # train VP + VE, sample, bits/dim, table
 
 train: run_lib.train.train (resuming from <workdir>/checkpoints/latest.pt); sample and
 likelihood: run_lib.evaluate with the EMA weights (bits/dim for images, nats next to the true
-NLL for the toy mixtures); compare: one table of several work directories (comma-separated
+NLL for the toy mixtures); train_classifier: run_lib.classifier.train_classifier (the
+noise-conditional classifier of config.classifier for guidance, under <workdir>/classifier/,
+resuming like train); compare: one table of several work directories (comma-separated
 --workdir; no --config needed). Any config value can be overridden, e.g.
 --config.training.n_iters=500.
 
@@ -38,12 +41,16 @@ import samplers
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                 lock_config=True)
-flags.DEFINE_enum("mode", "train", ["train", "sample", "likelihood", "compare", "demo"],
+flags.DEFINE_enum("mode", "train", ["train", "sample", "likelihood", "compare", "demo",
+                                    "train_classifier"],
                   "train: fit the score model; sample: draw samples with --sampler; "
                   "likelihood: log-likelihood (bits/dim for images) of held-out data through the "
                   "probability-flow ODE; compare: one table of the results of several "
                   "comma-separated --workdir's; demo: the main job on the built-in digits "
-                  "(train VP and VE models, sample with PC and ODE, compare bits/dim).")
+                  "(train VP and VE models, sample with PC and ODE, compare bits/dim); "
+                  "train_classifier: fit the noise-conditional classifier of config.classifier "
+                  "on data perturbed by config.sde, for classifier guidance (written to "
+                  "<workdir>/classifier/).")
 flags.DEFINE_integer("demo_steps", 1500, "Training steps of each --mode demo model.")
 flags.DEFINE_string("workdir", None, "Work directory for config, logs, weights and results "
                     "(--mode compare: a comma-separated list).")
@@ -55,7 +62,8 @@ flags.DEFINE_string("checkpoint", None, "--mode sample / likelihood: a checkpoin
 flags.mark_flags_as_required(["workdir"])
 
 #: The modes that use each optional flag; given to another mode it is an error.
-FLAG_MODES = {"config": ("train", "sample", "likelihood"), "sampler": ("sample",),
+FLAG_MODES = {"config": ("train", "sample", "likelihood", "train_classifier"),
+              "sampler": ("sample",),
               "checkpoint": ("sample", "likelihood"), "demo_steps": ("demo",)}
 
 
@@ -174,6 +182,15 @@ def run_train() -> dict | None:
     return metrics if int(os.environ.get("RANK", "0")) == 0 else None
 
 
+def run_train_classifier() -> dict:
+    """Train (or resume) the noise-conditional classifier of config.classifier."""
+    config = _checked_config("train_classifier")
+    from run_lib.classifier import train_classifier
+    metrics = train_classifier(config, FLAGS.workdir)
+    return {key: metrics[key] for key in ("step", "start_step", "loss", "seconds_per_step",
+                                          "test")}
+
+
 def run_sample() -> dict:
     config = _checked_config("sample")
     from run_lib import evaluate
@@ -212,7 +229,7 @@ def run_demo() -> str:
 
 
 MODES = {"train": run_train, "sample": run_sample, "likelihood": run_likelihood,
-         "compare": run_compare, "demo": run_demo}
+         "compare": run_compare, "demo": run_demo, "train_classifier": run_train_classifier}
 
 
 def main(argv):

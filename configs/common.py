@@ -22,7 +22,11 @@ def training_group(*, n_iters: int, batch_size: int, log_freq: int) -> ml_collec
         # sample grids with the EMA weights every sample_freq steps (0: off), fast sampler
         sample_freq=10000, num_grid_samples=64, grid_sampler="dpm_solver",
         # test loss of the EMA weights every eval_freq steps (0: off) on eval_batches batches
-        eval_freq=5000, eval_batches=8))
+        eval_freq=5000, eval_batches=8,
+        # classifier-free guidance training (Ho & Salimans 2022): with probability p_uncond a
+        # label is replaced by the null label model.num_classes (the network then has
+        # num_classes + 1 label rows; run_lib.compose.null_label); 0: plain conditional
+        p_uncond=0.0))
 
 
 def optim_group(*, warmup: int) -> ml_collections.ConfigDict:
@@ -59,3 +63,19 @@ def sampling_group(*, num_samples: int) -> ml_collections.ConfigDict:
                           if value is None else value)
         sampling[name] = group
     return sampling
+
+
+def classifier_group(*, name: str, num_classes: int, n_iters: int, batch_size: int, lr: float,
+                     eval_sigmas, **network) -> ml_collections.ConfigDict:
+    """The noise-conditional classifier p(y | x_t, t) of classifier guidance and its training
+    (python main.py --mode train_classifier; run_lib.classifier), on the config's SDE and data:
+    the network ``name`` (models.CLASSIFIERS) with its keyword arguments ``network``
+    (run_lib.compose.CLASSIFIER_KEYS), Adam at ``lr`` with warm-up, gradient clipping and an
+    EMA, checkpoints under <workdir>/classifier/, and the test accuracy of the EMA weights at
+    the noise levels ``eval_sigmas`` (sigma = std / alpha) every eval_freq steps."""
+    return ml_collections.ConfigDict(dict(
+        name=name, num_classes=num_classes, **network,
+        n_iters=n_iters, batch_size=batch_size, lr=lr, warmup=100, weight_decay=0.0,
+        grad_clip=1.0, ema_rate=0.999, eps=1e-5, log_freq=100,
+        snapshot_freq=max(n_iters // 2, 1), snapshot_freq_for_preemption=max(n_iters // 4, 1),
+        eval_freq=max(n_iters // 4, 1), eval_batches=4, eval_sigmas=tuple(eval_sigmas)))

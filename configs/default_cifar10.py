@@ -9,7 +9,8 @@ with data.download=True it is fetched there when missing (run_lib.datasets.load_
 """
 import ml_collections
 
-from configs.common import eval_group, optim_group, sampling_group, sde_group, training_group
+from configs.common import (classifier_group, eval_group, optim_group, sampling_group,
+                            sde_group, training_group)
 
 
 def get_default_configs():
@@ -46,6 +47,17 @@ def get_default_configs():
     sampling.batch_size = 0         # images per sampler call (0: all at once)
     # likelihood_samples 0: all 10,000 test images
     config.eval = eval_group(likelihood_samples=0, batch_size=500, trace="hutchinson")
+    # the Score SDE paper's noise-conditional WRN-28-10 classifier (App. I.1) for guidance
+    config.classifier = classifier_group(
+        name="wideresnet", num_classes=10, depth=28, widen_factor=10, embedding_dim=128,
+        fourier_scale=16.0, n_iters=100_000, batch_size=128, lr=2e-4,
+        eval_sigmas=(0.05, 0.1, 0.25, 0.5))
+    config.classifier.ema_rate = 0.9999
+    config.classifier.warmup = 1000
+    config.classifier.log_freq = 500
+    config.classifier.snapshot_freq = 25_000
+    config.classifier.snapshot_freq_for_preemption = 5000
+    config.classifier.eval_freq = 5000
     return config
 
 

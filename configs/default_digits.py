@@ -2,7 +2,8 @@
 training): a tiny DDPM U-Net that trains in a few minutes on a CPU."""
 import ml_collections
 
-from configs.common import eval_group, optim_group, sampling_group, sde_group, training_group
+from configs.common import (classifier_group, eval_group, optim_group, sampling_group,
+                            sde_group, training_group)
 
 
 def get_default_configs():
@@ -50,4 +51,9 @@ def get_default_configs():
     config.sampling.batch_size = 0      # images per sampler call (0: all at once)
     # likelihood_samples 0: all 297 test digits; trace "exact" is affordable at D = 64
     config.eval = eval_group(likelihood_samples=0, batch_size=0, trace="hutchinson")
+    # noise-conditional classifier for guidance (--mode train_classifier): a small conv net
+    config.classifier = classifier_group(
+        name="conv", num_classes=10, nf=32, ch_mult=(1, 2, 2), embedding_dim=64,
+        fourier_scale=1.0, n_iters=1000, batch_size=128, lr=2e-3,
+        eval_sigmas=(0.1, 0.5, 1.0, 2.0))
     return config

@@ -3,7 +3,8 @@ by the same loop as images (run_lib.train): the data set is run_lib.datasets.Mix
 whose closed-form density adds exact evaluations (score error, true NLL, mode weights)."""
 import ml_collections
 
-from configs.common import eval_group, optim_group, sampling_group, sde_group, training_group
+from configs.common import (classifier_group, eval_group, optim_group, sampling_group,
+                            sde_group, training_group)
 
 
 def get_default_configs():
@@ -45,4 +46,9 @@ def get_default_configs():
     config.eval = evaluate = eval_group(likelihood_samples=1024, batch_size=0, trace="exact")
     evaluate.score_error_samples = 8192  # draws of the relative score error (training evals)
     evaluate.score_error_eps = 1e-3      # smallest time of the score error
+    # noise-conditional classifier of the mixture component (--mode train_classifier)
+    config.classifier = classifier_group(
+        name="mlp", num_classes=8, hidden_dim=128, num_blocks=2, embedding_dim=64,
+        fourier_scale=1.0, n_iters=1000, batch_size=512, lr=3e-3,
+        eval_sigmas=(0.1, 0.5, 1.0, 2.0))
     return config

@@ -7,6 +7,12 @@ samplers take plain arguments only.
     score_fn = compose.build_score_fn(config, sde, model)
     loss_fn = compose.build_loss_fn(config, sde)     # config.training
     result = compose.sample(config, score_fn, sde, shape, method="pc", generator=g)
+    classifier = compose.build_classifier(config)    # config.classifier (+ data shape)
+
+Class-conditional models (config.model.num_classes = K > 0) embed the labels 0..K-1. With
+classifier-free guidance training (config.training.p_uncond > 0; Ho & Salimans 2022) a
+training label is replaced by the null label with probability p_uncond; the null label is
+the index K (``null_label(config)``), so such a network is built with K + 1 embedding rows.
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ import samplers
 import sde_lib
 
 __all__ = ["build_sde", "build_model", "build_score_fn", "build_loss_fn", "data_shape",
-           "sampler_options", "sample", "MODEL_ARGUMENTS"]
+           "sampler_options", "sample", "MODEL_ARGUMENTS", "null_label", "CLASSIFIER_KEYS",
+           "classifier_arguments", "build_classifier", "sde_metadata"]
 
 
 def _group(config, name: str):
@@ -71,8 +78,21 @@ def data_shape(config) -> tuple[int, ...]:
     return (int(data.num_channels), int(data.image_size), int(data.image_size))
 
 
+def null_label(config) -> int | None:
+    """The label of "no class" for classifier-free guidance: K = config.model.num_classes when
+    the model is class-conditional and trained with config.training.p_uncond > 0, else None."""
+    classes = int(config.model.get("num_classes") or 0)
+    p_uncond = float(config.training.get("p_uncond", 0.0) or 0.0)
+    return classes if classes > 0 and p_uncond > 0 else None
+
+
 def _num_classes(config):
-    return config.model.get("num_classes") or None
+    """Rows of the network's class embedding: None (unconditional), K, or K + 1 with the
+    null label of classifier-free guidance training (``null_label``)."""
+    classes = int(config.model.get("num_classes") or 0)
+    if not classes:
+        return None
+    return classes + 1 if null_label(config) is not None else classes
 
 
 def _mlp_arguments(config) -> dict:
@@ -177,3 +197,49 @@ def sample(config, score_fn: Callable, sde: sde_lib.SDE, shape, *, method: str |
     progress and callback."""
     name, options = sampler_options(config, method)
     return samplers.SAMPLERS[name].fn(score_fn, sde, shape, **options, **harness_options)
+
+
+# ----------------------------------------------------------------------------- the classifier
+
+#: config.classifier.name -> the keys of config.classifier that are the network's keyword
+#: arguments (a key left out takes the class default); the data shape and num_classes are
+#: added by ``classifier_arguments``.
+CLASSIFIER_KEYS = {"mlp": ("hidden_dim", "num_blocks", "embedding_dim", "fourier_scale"),
+                   "conv": ("nf", "ch_mult", "embedding_dim", "fourier_scale"),
+                   "wideresnet": ("depth", "widen_factor", "embedding_dim", "fourier_scale")}
+
+
+def classifier_arguments(config) -> tuple[str, dict]:
+    """(models.CLASSIFIERS name, keyword arguments) of the noise-conditional classifier of
+    config.classifier: its network keys (CLASSIFIER_KEYS), num_classes, and the data shape
+    (data_shape for "mlp"; num_channels and image_size for the image classifiers)."""
+    group = _group(config, "classifier")
+    name = str(group.get("name", ""))
+    sde_lib.check_choice("config.classifier.name", name, models.CLASSIFIERS)
+    kwargs = {key: tuple(group[key]) if isinstance(group[key], (tuple, list)) else group[key]
+              for key in CLASSIFIER_KEYS[name] if key in group}
+    shape = data_shape(config)
+    if name == "mlp":
+        kwargs["data_shape"] = shape
+    elif len(shape) != 3:
+        raise ValueError(f"config.classifier.name={name!r} classifies images, but the data are "
+                         f"flat (config.data.dim={shape[0]}); use config.classifier.name='mlp'")
+    else:
+        kwargs.update(num_channels=shape[0], image_size=shape[1])
+    kwargs["num_classes"] = int(group.num_classes)
+    return name, kwargs
+
+
+def build_classifier(config) -> torch.nn.Module:
+    """The classifier of config.classifier (``classifier_arguments``); wrap it with
+    ``models.get_logits_fn(sde, classifier)``."""
+    name, kwargs = classifier_arguments(config)
+    return models.build_classifier(name, **kwargs)
+
+
+def sde_metadata(sde: sde_lib.SDE) -> dict:
+    """The SDE as plain data, e.g. {"name": "vpsde", "beta_min": 0.1, "beta_max": 20.0,
+    "N": 1000}: what a classifier checkpoint records to be checked at load."""
+    name = next(key for key, cls in sde_lib.SDES.items() if type(sde) is cls)
+    return {"name": name, **{key: float(getattr(sde, key)) for key in SDE_KEYS[name]},
+            "N": int(sde.N)}

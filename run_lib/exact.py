@@ -4,6 +4,7 @@ sde_lib.GaussianMixture: the 2-D toy mixtures). Images have no such density (Non
     relative_score_error(score_fn, density, sde)   E||std (s - s*)||^2 / E||std s*||^2
     sample_metrics(density, x)                      true log-density of samples, mode weights
     true_log_prob(density, sde, x, eps)             exact log p_eps(x), next to the ODE's
+    component_log_posterior(density, x, alpha, std) exact log p_t(k | x_t): the Bayes classifier
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 
 import sde_lib
 
-__all__ = ["relative_score_error", "mode_weights", "sample_metrics", "true_log_prob"]
+__all__ = ["relative_score_error", "mode_weights", "sample_metrics", "true_log_prob",
+           "component_log_posterior"]
 
 
 @torch.no_grad()
@@ -75,3 +77,16 @@ def true_log_prob(density: sde_lib.GaussianMixture, sde: sde_lib.SDE, x: torch.T
     started at time eps evaluates (the data, smoothed by the SDE up to eps)."""
     t = torch.tensor(float(eps), dtype=torch.float64, device=x.device)
     return density.marginal_log_prob(sde, x, t).cpu()
+
+
+def component_log_posterior(density: sde_lib.GaussianMixture, x: torch.Tensor, alpha,
+                            std) -> torch.Tensor:
+    """log p(k | x_t) (B, K) float64 of the mixture's components for x_t = alpha x_0 + std z
+    (alpha, std floats or (B,)): the Bayes classifier of the component labels, the best any
+    noise-conditional classifier of this data can do. From the perturbed components
+    w_k N(alpha mu_k, alpha^2 Sigma_k + std^2 I)."""
+    log_joint = torch.stack([
+        density.weights[k].log() + sde_lib.GaussianMixture.gaussian(
+            density.means[k], density.covs[k], density.event_shape).log_prob(x, alpha, std)
+        for k in range(density.num_components)], dim=1)
+    return torch.log_softmax(log_joint, dim=1)

@@ -66,8 +66,8 @@ from .images import picture, save_png
 from .state import TrainState, build_train_state, lr_at, skip_nonfinite_step
 from .utils import save_atomic, write_config
 
-__all__ = ["train", "train_step", "Objective", "StepStats", "StepRecord", "Evaluator",
-           "ScheduledActions", "sample_grid", "mean_test_loss", "ema_test_loss",
+__all__ = ["train", "train_step", "Objective", "drop_labels", "StepStats", "StepRecord",
+           "Evaluator", "ScheduledActions", "sample_grid", "mean_test_loss", "ema_test_loss",
            "load_checkpoint", "lr_at", "skip_nonfinite_step", "DistContext", "init_distributed",
            "NetworkForward"]
 
@@ -86,16 +86,20 @@ def load_checkpoint(path, device) -> dict:
 
 # ----------------------------------------------------------------------------- data
 
-def batches_forever(dataset, config, start_step: int, device, ctx: DistContext):
+def batches_forever(dataset, config, start_step: int, device, ctx: DistContext, *,
+                    batch_key: str = "training.batch_size"):
     """(x, labels) batches of this rank from optimizer step ``start_step`` on: epoch after
     epoch of dataset.batches(seed=config.seed, epoch=e, rank, world_size), the first epoch
-    entered part-way. Batches of B / W rows; on CUDA copied from pinned memory without
-    blocking the host. A global batch larger than the data set raises a ValueError at once
-    (not at the first batch)."""
-    batch_size = int(config.training.batch_size) // ctx.world_size
+    entered part-way. Batches of B / W rows, B = config.<batch_key> (the classifier's loop
+    passes "classifier.batch_size"); on CUDA copied from pinned memory without blocking the
+    host. A global batch larger than the data set raises a ValueError at once (not at the
+    first batch)."""
+    group, key = batch_key.split(".")
+    global_batch = int(config[group][key])
+    batch_size = global_batch // ctx.world_size
     per_epoch = len(dataset) // ctx.world_size // batch_size
     if per_epoch == 0:
-        raise ValueError(f"config.training.batch_size={config.training.batch_size} is larger "
+        raise ValueError(f"config.{batch_key}={global_batch} is larger "
                          f"than the data set ({len(dataset)} items); use at most {len(dataset)}")
     return _batches(dataset, config, start_step, per_epoch, batch_size, device, ctx)
 
@@ -117,8 +121,18 @@ def _batches(dataset, config, start_step: int, per_epoch: int, batch_size: int, 
 
 # ----------------------------------------------------------------------------- one step
 
+def drop_labels(labels: torch.Tensor, p_uncond: float, null_label: int,
+                generator: torch.Generator) -> torch.Tensor:
+    """Classifier-free guidance training (Ho & Salimans 2022, Alg. 1): each label (B,) is
+    replaced by ``null_label`` with probability ``p_uncond``, drawn from ``generator`` (the
+    step's noise generator, so a resumed run draws the same)."""
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p_uncond
+    return torch.where(drop, torch.full_like(labels, null_label), labels)
+
+
 class Objective:
     """The DSM loss of one global batch as this rank computes it, and the step's settings.
+    With config.training.p_uncond > 0 the labels first go through ``drop_labels``.
 
     The network is wrapped in DistributedDataParallel with several ranks and run through
     NetworkForward (bf16 autocast, all-gather of the ranks' rows); ``loss(x, labels,
@@ -135,6 +149,8 @@ class Objective:
         self.score_fn = compose.build_score_fn(config, sde, forward)
         self.loss_fn = compose.build_loss_fn(config, sde)
         self.conditional = bool(config.model.get("num_classes"))
+        self.null_label = compose.null_label(config)
+        self.p_uncond = float(config.training.get("p_uncond", 0.0) or 0.0)
         self.ctx, self.config = ctx, config
         self.grad_scale = float(ctx.world_size)
         self.grad_clip = float(config.optim.grad_clip)
@@ -142,6 +158,8 @@ class Objective:
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
         labels = interleave_into_global(labels, self.ctx) if self.conditional else None
+        if labels is not None and self.null_label is not None:
+            labels = drop_labels(labels, self.p_uncond, self.null_label, generator)
         return self.loss_fn(self.score_fn, interleave_into_global(x, self.ctx),
                             generator=generator, class_labels=labels)
 

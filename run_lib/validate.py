@@ -12,13 +12,17 @@ the fix. Unknown keys (a typo, or a key of an old config file) name the closest 
 for the flat sampling keys of old configs, the new nested key (``config.sampling.pc.snr``).
 
 What is checked (``validate_config``): the type and range of every key of every group (seed,
-device, data, sde, model, training, optim, sampling, eval) from the tables below; keys the
+device, data, sde, model, training, optim, sampling, eval, and classifier when present or
+for --mode train_classifier) from the tables below; keys the
 code reads that are missing; the data set's name and shape; the batch size against the data
 set and the number of processes; then the SDE (compose.build_sde), the loss
 (compose.build_loss_fn), the network built on the meta device (compose.build_model: the
 constructors check the architecture without allocating), the score function, the
 likelihood's ODE options, and every sampler group through the registry
-(``samplers.SAMPLERS[name].options(sde, group)``) for the samplers that apply to the SDE.
+(``samplers.SAMPLERS[name].options(sde, group)``) for the samplers that apply to the SDE;
+config.training.p_uncond only with a class-conditional model; the classifier group's network
+keys, its network on the meta device, num_classes against the data set and its evaluation
+noise levels inside the SDE's range.
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ __all__ = ["ConfigError", "validate_config", "load_config_file", "check_override
            "check_workdir", "check_checkpoint_file", "OLD_KEYS", "GROUPS", "MODES"]
 
 #: The modes validate_config knows (main.py's compare and demo modes read no config file).
-MODES = ("train", "sample", "likelihood")
+MODES = ("train", "sample", "likelihood", "train_classifier")
 
 
 class ConfigError(ValueError):
@@ -165,6 +169,16 @@ def _models():
     return models
 
 
+def positive_reals(name: str, value) -> None:
+    """A non-empty tuple of finite numbers > 0 (noise levels)."""
+    ok = (isinstance(value, (tuple, list)) and len(value) > 0
+          and all(not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v)
+                  and v > 0 for v in value))
+    if not ok:
+        raise ValueError(f"{name} must be a non-empty tuple of numbers > 0, e.g. '(0.1, 1.0)', "
+                         f"got {value!r}")
+
+
 # ----------------------------------------------------------------------------- the tables
 
 #: Top-level keys (besides the groups).
@@ -209,7 +223,7 @@ GROUPS: dict[str, dict[str, Check]] = {
         "mixed_precision": choice(_mixed_precision_modes), "sample_freq": integer(0),
         "num_grid_samples": integer(1), "grid_sampler": choice(samplers.SAMPLERS),
         "eval_freq": integer(0), "eval_batches": integer(1), "snapshot_freq": integer(1),
-        "snapshot_freq_for_preemption": integer(1)},
+        "snapshot_freq_for_preemption": integer(1), "p_uncond": fraction},
     "optim": {
         "lr": real(0.0, strict=True), "beta1": fraction, "eps": real(0.0, strict=True),
         "weight_decay": real(0.0), "warmup": integer(0),
@@ -222,7 +236,23 @@ GROUPS: dict[str, dict[str, Check]] = {
         "probes": integer(1), "ode_method": choice(ODE_METHODS), "rtol": real(0.0, strict=True),
         "atol": real(0.0, strict=True), "num_steps": optional(integer(1)),
         "score_error_samples": integer(1), "score_error_eps": real(0.0, strict=True)},
+    # the noise-conditional classifier (--mode train_classifier; run_lib.classifier): the
+    # network (models.CLASSIFIERS, its keys compose.CLASSIFIER_KEYS) and its training
+    "classifier": {
+        "name": choice(lambda: _models().CLASSIFIERS), "num_classes": integer(2),
+        "hidden_dim": integer(1), "num_blocks": integer(0), "embedding_dim": integer(2),
+        "fourier_scale": real(0.0, strict=True), "nf": integer(1), "ch_mult": integers(1),
+        "depth": integer(10), "widen_factor": integer(1),
+        "n_iters": integer(1), "batch_size": integer(1), "lr": real(0.0, strict=True),
+        "warmup": integer(0), "weight_decay": real(0.0),
+        "grad_clip": real(0.0, strict=True, allow_inf=True), "ema_rate": real(0.0, maximum=1.0),
+        "eps": real(0.0, strict=True), "log_freq": integer(1), "snapshot_freq": integer(1),
+        "snapshot_freq_for_preemption": integer(1), "eval_freq": integer(0),
+        "eval_batches": integer(1), "eval_sigmas": positive_reals},
 }
+
+#: Groups a config may leave out (each mode that needs one says so: OPTIONAL_GROUPS[name]).
+OPTIONAL_GROUPS = {"classifier": ("train_classifier",)}
 
 #: Keys the code reads without a default (a config without them fails later).
 REQUIRED = {
@@ -235,16 +265,22 @@ REQUIRED = {
     "sampling": ("method", "num_samples"),
     "eval": ("likelihood_samples", "likelihood_eps", "trace", "probes", "ode_method", "rtol",
              "atol"),
+    "classifier": ("name", "num_classes", "n_iters", "batch_size", "lr", "warmup",
+                   "weight_decay", "grad_clip", "ema_rate", "eps", "log_freq", "snapshot_freq",
+                   "snapshot_freq_for_preemption", "eval_freq", "eval_batches", "eval_sigmas"),
 }
 REQUIRED_DATA = {"images": ("name", "data_dir", "image_size", "num_channels", "centered"),
                  "toy": ("name", "dim", "train_size", "test_size")}
 REQUIRED_TOY_EVAL = ("score_error_samples", "score_error_eps")
 
 #: (group, key) of the smallest times, checked in (0, T) of the SDE.
-TIMES = (("training", "eps"), ("eval", "likelihood_eps"), ("eval", "score_error_eps"))
+TIMES = (("training", "eps"), ("eval", "likelihood_eps"), ("eval", "score_error_eps"),
+         ("classifier", "eps"))
 
 #: Items of the training split of the image data sets (the toy mixtures: data.train_size).
 TRAIN_SIZES = {"digits": 1500, "cifar10": 50_000, "mnist": 60_000}
+#: Classes of the labels of the image data sets (the toy mixtures: their components).
+DATA_CLASSES = {"digits": 10, "cifar10": 10, "mnist": 10}
 
 #: Keys of old config files -> where the value lives now (dotted paths below config.).
 OLD_KEYS = {
@@ -276,7 +312,7 @@ OLD_KEYS = {
 }
 
 #: A dotted config path in a message (to write it as config.<path> or --config.<path>).
-_PATH = re.compile(r"\b((?:seed|device|data|sde|model|training|optim|sampling|eval)"
+_PATH = re.compile(r"\b((?:seed|device|data|sde|model|training|optim|sampling|eval|classifier)"
                    r"(?:\.[\w<>]+)*)(?!\w)")
 
 
@@ -388,11 +424,18 @@ def _data_kind(config) -> str:
     return "toy" if config.data.get("name") in sde_lib.TOY_DISTRIBUTIONS else "images"
 
 
-def _check_groups(config) -> None:
-    """The top-level keys and every group's keys, from the tables."""
+def _check_groups(config, mode: str = "train") -> None:
+    """The top-level keys and every group's keys, from the tables; an optional group
+    (OPTIONAL_GROUPS) only when present or when ``mode`` needs it."""
     _check_keys(config, "", {k: config[k] for k in config.keys() if k not in GROUPS}, TOP,
                 ("seed",), also_valid=GROUPS)
     for name, table in GROUPS.items():
+        if name in OPTIONAL_GROUPS and name not in config:
+            if mode not in OPTIONAL_GROUPS[name]:
+                continue
+            raise ConfigError(f"config.{name} is missing: --mode {mode} needs it (add "
+                              f"config.{name} = configs.common.{name}_group(...), as the "
+                              "configs/default_*.py do)")
         values = dict(_group(config, name).items())
         required, also_valid = REQUIRED.get(name, ()), ()
         if name == "sampling":
@@ -460,7 +503,7 @@ def _build_sde(config):
 
 def _check_times(config, sde) -> None:
     for group, key in TIMES:
-        if key in config[group]:
+        if group in config and key in config[group]:
             try:
                 check_time(f"config.{group}.{key}", config[group][key], sde.T)
             except ValueError as error:
@@ -504,6 +547,63 @@ def _check_likelihood(config, sde, mode: str) -> None:
         raise ConfigError(f"config.eval.trace='exact' replicates the batch once per dimension; "
                           f"D={dim} > {MAX_EXACT_TRACE_DIM} is too large: use "
                           "--config.eval.trace=hutchinson")
+
+
+# ----------------------------------------------------------------------------- labels, classifier
+
+def _data_classes(config) -> int | None:
+    """How many classes the data set's labels have (the toy mixtures: their components), or
+    None when unknown (an image folder)."""
+    name = config.data.name
+    if name in sde_lib.TOY_DISTRIBUTIONS:
+        return sde_lib.toy_distribution(name).num_components
+    return DATA_CLASSES.get(name)
+
+
+def _check_labels(config) -> None:
+    """Classifier-free guidance training needs a class-conditional model."""
+    p_uncond = config.training.get("p_uncond", 0.0)
+    if p_uncond and not config.model.get("num_classes"):
+        raise ConfigError(f"config.training.p_uncond={p_uncond} (classifier-free guidance "
+                          "training) needs a class-conditional model: set "
+                          "config.model.num_classes to the number of classes, or p_uncond=0")
+
+
+def _check_classifier(config, sde, mode: str) -> None:
+    """config.classifier: keys of the chosen network only, the network built on the meta
+    device, num_classes against the data, eval_sigmas inside the SDE's noise range, and for
+    train_classifier the batch against the training set."""
+    group = config.classifier
+    name = group.name
+    keys = compose.CLASSIFIER_KEYS
+    for key in group.keys():
+        owners = [n for n, names in keys.items() if key in names]
+        if owners and name not in owners:
+            raise ConfigError(f"config.classifier.{key} applies to config.classifier.name="
+                              f"{' or '.join(map(repr, owners))}, not {name!r}: remove it")
+    try:
+        with torch.device("meta"):
+            compose.build_classifier(config)
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise _named("config.classifier", group.keys(), error) from None
+    classes = _data_classes(config)
+    if classes is not None and int(group.num_classes) != classes:
+        raise ConfigError(f"config.classifier.num_classes={group.num_classes} but "
+                          f"{config.data.name} has {classes} classes; set "
+                          f"config.classifier.num_classes={classes}")
+    eps = float(group.eps)
+    low, high = (float(v) for v in torch.exp(-0.5 * sde.log_snr(
+        torch.tensor([eps, sde.T], dtype=torch.float64))))
+    for sigma in group.eval_sigmas:
+        if not low <= sigma <= high:
+            raise ConfigError(f"config.classifier.eval_sigmas has {sigma:g}, outside the noise "
+                              f"levels of config.sde from t=eps to T ({low:.3g} .. {high:.3g}); "
+                              "use levels in that range")
+    size = _train_size(config)
+    if mode == "train_classifier" and size is not None and int(group.batch_size) > size:
+        raise ConfigError(f"config.classifier.batch_size={group.batch_size} is larger than the "
+                          f"training set of {config.data.name} ({size} items); use at most "
+                          f"{size}")
 
 
 # ----------------------------------------------------------------------------- samplers
@@ -605,11 +705,14 @@ def validate_config(config, mode: str = "train", *, sampler: str | None = None) 
     if not hasattr(config, "items"):
         raise ConfigError(f"the config must be an ml_collections.ConfigDict, got "
                           f"{type(config).__name__}")
-    _check_groups(config)
+    _check_groups(config, mode)
     _check_data(config)
     sde = _build_sde(config)
     _check_times(config, sde)
     _check_network(config, sde)
+    _check_labels(config)
+    if "classifier" in config:
+        _check_classifier(config, sde, mode)
     _check_likelihood(config, sde, mode)
     _check_samplers(config, sde, mode, sampler)
 

@@ -269,7 +269,7 @@ def test_batch_size_must_divide_among_the_processes(monkeypatch):
 @pytest.mark.parametrize("key, hint", [
     ("training.n_iter", "did you mean config.training.n_iters?"),
     ("model.nff", "did you mean config.model.nf?"),
-    ("training.lr", "did you mean config.optim.lr?"),
+    ("training.lr", "config.optim.lr"),           # or config.classifier.lr
     ("sampling.pc.snrr", "did you mean config.sampling.pc.snr?"),
     ("sampling.ddim.order", "config.sampling.dpm_solver.order"),
     ("sampling.ddim.order", "config.sampling.dpm_adaptive.order"),
