@@ -73,11 +73,16 @@ def balanced_labels(n: int, num_classes: int, device=None) -> torch.Tensor | Non
 
 
 def _score_with_labels(score_fn, labels, x, t):
+    if x.shape[0] != labels.shape[0] and x.shape[0] % labels.shape[0] == 0:
+        # the likelihood's replica-major replicated batch (exact trace, several probes)
+        labels = labels.repeat(x.shape[0] // labels.shape[0])
     return score_fn(x, t, labels)
 
 
 def with_class_labels(score_fn, labels: torch.Tensor | None):
-    """score_fn(x, t) with fixed class labels (B,) bound (``score_fn`` itself when None)."""
+    """score_fn(x, t) with fixed class labels (B,) bound (``score_fn`` itself when None); x of
+    R B rows (a batch replicated replica-major, as the likelihood's traces do) gets the labels
+    repeated R times."""
     return score_fn if labels is None else functools.partial(_score_with_labels, score_fn, labels)
 
 

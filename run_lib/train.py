@@ -261,12 +261,26 @@ def ema_test_loss(loss_fn, score_fn, model, ema, test_batches, *, seed: int, dev
                               conditional=conditional)
 
 
+def _with_null_label(score_fn, null_label: int):
+    """score_fn(x, t) of a classifier-free guidance model with the null label on every row:
+    its unconditional score."""
+    def unconditional(x, t):
+        return score_fn(x, t, torch.full((x.shape[0],), null_label, dtype=torch.long,
+                                         device=x.device))
+    return unconditional
+
+
 class Evaluator:
     """The scheduled evaluation with the EMA weights: ``loss_ema``, the DSM loss of the first
     config.training.eval_batches test batches, and for data with a closed-form density
     ``score_error_ema`` (run_lib.exact.relative_score_error over
     config.eval.score_error_samples draws, t >= config.eval.score_error_eps). ``floor`` is
-    the exact score's loss on the same batches and draws (None without a density)."""
+    the exact score's loss on the same batches and draws (None without a density).
+
+    Class-conditional models: the score error is that of the unconditional score, the null
+    label's (config.training.p_uncond > 0), against the exact score of the data; without a
+    null label there is no unconditional score and no score error, and no floor either (the
+    exact score is the unconditional one)."""
 
     def __init__(self, config, sde, model, ema, device: torch.device):
         test_set = build_dataset(config, "test")
@@ -281,20 +295,26 @@ class Evaluator:
         self.seed = int(config.seed) + EVAL_SEED
         self.conditional = bool(config.model.get("num_classes"))
         self.density, self.floor = test_set.density, None
+        self.score_error_fn = self.score_fn
+        if self.conditional:
+            null = compose.null_label(config)
+            self.score_error_fn = None if null is None else _with_null_label(self.score_fn, null)
         if self.density is not None:
             self.score_error_options = dict(num_samples=int(config.eval.score_error_samples),
                                             eps=float(config.eval.score_error_eps))
-            self.floor = mean_test_loss(self.loss_fn, self.density.score_fn(sde), self.batches,
-                                        seed=self.seed, device=device, conditional=False)
+            if not self.conditional:
+                self.floor = mean_test_loss(self.loss_fn, self.density.score_fn(sde),
+                                            self.batches, seed=self.seed, device=device,
+                                            conditional=False)
 
     def __call__(self) -> dict[str, float]:
         with ema_weights(self.model, self.ema):
             values = {"loss_ema": mean_test_loss(self.loss_fn, self.score_fn, self.batches,
                                                  seed=self.seed, device=self.device,
                                                  conditional=self.conditional)}
-            if self.density is not None:
+            if self.density is not None and self.score_error_fn is not None:
                 values["score_error_ema"] = relative_score_error(
-                    self.score_fn, self.density, self.sde, device=self.device,
+                    self.score_error_fn, self.density, self.sde, device=self.device,
                     generator=torch.Generator().manual_seed(self.seed),
                     **self.score_error_options)
         return values
@@ -436,7 +456,8 @@ class ScheduledActions:
                    "seconds_per_step": seconds / len(self.losses) if self.losses else None,
                    "sde": repr(self.sde)}
         if self.evaluator is not None and self.evaluator.density is not None:
-            errors = {s: v["score_error_ema"] for s, v in self.evals.items()}
+            errors = {s: v["score_error_ema"] for s, v in self.evals.items()
+                      if "score_error_ema" in v}
             metrics.update(score_errors=errors, exact_score_test_loss=self.evaluator.floor,
                            relative_score_error=errors[max(errors)] if errors else None)
         return metrics
