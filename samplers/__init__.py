@@ -21,6 +21,10 @@ from .fast import (DPM_ALGORITHMS, SPACINGS, check_ddim_options, check_dpm_solve
                    ddim_sample, dpm_solver_sample, timesteps)
 from .guidance import classifier_free_guidance, classifier_guidance, dynamic_thresholding
 from .harness import Harness, SampleResult, Sampler, Schedule, SchedulePoint
+from .inverse import KNOWN_NOISE, METHODS as INVERSE_METHODS
+from .inverse import (Replacement, colorize, inpaint, pigdm_score, smc_sample,
+                      solve_inverse_problem, super_resolve)
+from .operators import Colorization, Inpainting, LinearOperator, SuperResolution
 from .likelihood import (PROBE_NOISES, TRACE_ESTIMATORS, BitsPerDimResult, LikelihoodResult,
                          bits_per_dim, log_likelihood)
 from .ode import ODE_METHODS, check_ode_options, ode_sample
@@ -31,8 +35,10 @@ __all__ = ["SampleResult", "SAMPLERS", "Sampler", "Harness", "Schedule", "Schedu
            "edm_sample", "dpm_solver_adaptive_sample", "log_likelihood", "bits_per_dim",
            "LikelihoodResult", "BitsPerDimResult", "PREDICTORS", "CORRECTORS", "ODE_METHODS",
            "TRACE_ESTIMATORS", "PROBE_NOISES", "timesteps", "SPACINGS", "DPM_ALGORITHMS",
-           "edm_sigmas", "classifier_free_guidance", "classifier_guidance",
-           "dynamic_thresholding"]
+           "edm_sigmas", "inpaint", "colorize", "super_resolve", "solve_inverse_problem",
+           "smc_sample", "pigdm_score", "Replacement", "INVERSE_METHODS", "KNOWN_NOISE",
+           "LinearOperator", "Inpainting", "Colorization", "SuperResolution",
+           "classifier_free_guidance", "classifier_guidance", "dynamic_thresholding"]
 
 #: The samplers by name (main.py --sampler, config.sampling.<name>).
 SAMPLERS = {

@@ -122,7 +122,7 @@ def _adaptive_loop(run: Harness, order: int, data: bool, rtol: float, atol: floa
         error = _error_norm(x_low, x_high, x_prev, rtol, atol)
         if error <= 1.0:
             x, x_prev, s, s_t, m0 = x_high, x_low, t, t_t, None
-            run.step(accepted_steps, x, t)
+            x = run.step(accepted_steps, x, t)
             accepted_steps += 1
         h *= math.inf if error == 0.0 else theta * error ** (-1.0 / order)
 

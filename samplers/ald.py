@@ -47,8 +47,9 @@ def ald_sample(score_fn: Callable, sde: SDE, shape, *, n_steps_each: int = 100,
         for k, a in enumerate(step_sizes):
             for _ in range(n_steps_each):
                 x = x + (0.5 * a) * run.schedule.score(x, times[k]) + a ** 0.5 * run.noise(x)
-            run.step(k, x, points[k])
+                x = run.project(x, points[k])
+            run.step(k, x, points[k], project=False)
         if denoise:
             x = run.schedule.denoise(x, points[-1])       # x + sigma_min^2 s (alpha = 1)
-            run.step(sde.N, x, DATA_POINT, denoised=x)
+            x = run.step(sde.N, x, DATA_POINT, denoised=x)
         return run.result(x)

@@ -127,7 +127,7 @@ def edm_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 18,
                 score_next = _score_ve(run, x, t_next[i], nxt[i])
                 x = x_hat.add(score, alpha=-0.5 * step * hat[i].std).add_(
                     score_next, alpha=-0.5 * step * nxt[i].std)
-            run.step(i, x, nxt[i], scale=nxt[i].alpha)
+            x = run.step(i, x, nxt[i], scale=nxt[i].alpha)
         return run.result(x if nxt[last].alpha == 1.0 else x * nxt[last].alpha)
 
 

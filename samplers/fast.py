@@ -227,8 +227,7 @@ def final_denoise(run: Harness, x: torch.Tensor, eps: float, step: int) -> torch
     more score evaluation)."""
     point = run.schedule.at(torch.tensor(eps, dtype=SCHEDULE_DTYPE, device=run.x.device))
     x0 = run.schedule.denoise(x, point)
-    run.step(step, x0, DATA_POINT, denoised=x0)
-    return x0
+    return run.step(step, x0, DATA_POINT, denoised=x0)
 
 
 # ----- DDIM ---------------------------------------------------------------------------------
@@ -265,7 +264,7 @@ def ddim_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, eta
             x = combine(x, c_x, [c_score], [run.schedule.score(x, times[i])])
             if c_z > 0:
                 x = x.add_(run.noise(x), alpha=c_z)
-            run.step(i, x, points[i + 1])
+            x = run.step(i, x, points[i + 1])
         if denoise:
             x = final_denoise(run, x, eps, num_steps)
         return run.result(x)
@@ -355,7 +354,7 @@ def _multistep_loop(run: Harness, times, points, orders, data: bool, first_singl
         else:
             h0, h1 = s.lam - points[i - 1].lam, points[i - 1].lam - points[i - 2].lam
             x = combine(x, *step.multistep_3(t, h0, h1), history[:3])
-        run.step(i, x, t)
+        x = run.step(i, x, t)
     return x
 
 
@@ -376,7 +375,7 @@ def _singlestep_loop(run: Harness, times, points, order: int, data: bool):
             x = singlestep_2(run, x, step, t, m0, mid[0], rs[0], data)
         else:
             x = singlestep_3(run, x, step, t, m0, mid, rs, data)[0]
-        run.step(i, x, t)
+        x = run.step(i, x, t)
     return x
 
 

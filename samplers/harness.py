@@ -11,7 +11,7 @@ gives alpha and std as ``SchedulePoint``s, and turns a score into the data predi
         x = run.x                                   # x_T ~ prior (or x_init)
         for i in range(n):
             ...                                     # the sampler's update of x
-            run.step(i, x, grid[i + 1])             # non-finite guard, progress, callback
+            x = run.step(i, x, grid[i + 1])         # projection, non-finite guard, progress, callback
         return run.result(x)                        # SampleResult(x, nfe)
 
 It draws the prior, counts score evaluations (NFE) at the score function, records
@@ -27,7 +27,17 @@ else Tweedie's formula applied to the last score evaluation of the step.
 
 Harness options (keyword arguments of every sampler): ``generator`` (for every random
 draw; its device is the sampling device), ``device``, ``dtype`` (of x_T), ``x_init`` (start
-from this x_T), ``progress`` and ``callback``.
+from this x_T), ``progress``, ``callback`` and ``projection``.
+
+Conditioning goes through the harness in two ways. A transformed score (guidance, the
+gradient method of inverse problems: ``samplers.guidance``, ``samplers.inverse``) is just
+another ``score_fn``. A ``projection(x, point, noise) -> x`` (replacement of the known part of
+an inverse problem, ``samplers.inverse.Replacement``) is applied by ``run.step`` to the state
+after every step, at the schedule point the state is at (``noise()`` draws z ~ N(0, I) like x
+from the sampler's generator), and by ``run.result`` at ``DATA_POINT`` (t = 0) to the output;
+samplers use the state ``run.step`` returns. Samplers with inner steps (PC's corrector, ALD's
+Langevin steps) call ``run.project`` after them too; the probability-flow ODE, which has no
+steps of its own, applies ``projection.constrain`` inside its vector field instead.
 """
 from __future__ import annotations
 
@@ -52,7 +62,8 @@ __all__ = ["SampleResult", "CountingScore", "SchedulePoint", "Schedule", "Harnes
 log = logging.getLogger("samplers")
 
 #: The keyword arguments every sampler takes for the harness (not sampler options).
-HARNESS_OPTIONS = ("generator", "device", "dtype", "x_init", "progress", "callback")
+HARNESS_OPTIONS = ("generator", "device", "dtype", "x_init", "progress", "callback",
+                   "projection")
 
 
 @dataclass
@@ -336,10 +347,13 @@ class Harness:
                  generator: torch.Generator | None = None, device=None,
                  dtype: torch.dtype | None = None, x_init: torch.Tensor | None = None,
                  progress: bool = False, callback: Callable | None = None,
-                 check_every: int = 50):
+                 projection: Callable | None = None, check_every: int = 50):
         if callback is not None and not callable(callback):
             raise ValueError(f"callback must be callable, got {callback!r}")
+        if projection is not None and not callable(projection):
+            raise ValueError(f"projection must be callable, got {projection!r}")
         self.sde, self.generator, self.callback = sde, generator, callback
+        self.projection = projection
         self.x = initial_state(sde, shape, generator=generator, device=device, dtype=dtype,
                                x_init=x_init)
         self.counter = CountingScore(score_fn)
@@ -383,13 +397,25 @@ class Harness:
         """z ~ N(0, I) like x, from the sampler's generator."""
         return std_normal_like(x, self.generator)
 
+    def project(self, x: torch.Tensor, point: SchedulePoint, scale: float = 1.0) -> torch.Tensor:
+        """x after the projection (if any) at ``point``; ``scale``: x is in coordinates
+        x / scale of the SDE's x (EDM's x / alpha)."""
+        if self.projection is None:
+            return x
+        if scale == 1.0:
+            return self.projection(x, point, self.noise)
+        return self.projection(x * scale, point, self.noise) / scale
+
     def step(self, k: int, x: torch.Tensor, point: SchedulePoint | None,
              denoised: torch.Tensor | None = None, guard: bool = True,
-             scale: float = 1.0) -> None:
-        """After step k: record x for the non-finite check, advance the bar, call the callback
-        with {step, t, sigma, x, denoised} (t, sigma of ``point``, the time x is at; converted
-        to floats only when there is a callback). ``scale``: the callback gets ``scale * x``
-        (a sampler that runs in other coordinates, such as EDM's x / alpha)."""
+             scale: float = 1.0, project: bool = True) -> torch.Tensor:
+        """After step k: project x at ``point`` (the time x is at; see ``project``), record it
+        for the non-finite check, advance the bar, call the callback with {step, t, sigma, x,
+        denoised} (t, sigma of ``point``, converted to floats only when there is a callback).
+        ``scale``: x is in coordinates x / scale of the SDE's x (EDM's x / alpha); the
+        callback gets ``scale * x``. Returns the (projected) state the sampler goes on from."""
+        if project and point is not None:
+            x = self.project(x, point, scale)
         if guard:
             self._guard.update(k, x, point)
         self._bar.update(1)
@@ -399,6 +425,7 @@ class Harness:
             t, sigma = (None, None) if point is None else (float(point.t), float(point.sigma))
             self.callback({"step": k, "t": t, "sigma": sigma, "x": x if scale == 1.0 else x * scale,
                            "denoised": denoised})
+        return x
 
     def _last_denoised(self) -> torch.Tensor | None:
         """Tweedie's formula on the last score evaluation (x, t, score)."""
@@ -409,7 +436,9 @@ class Harness:
         return self.schedule.tweedie(x, score.to(x.dtype), point.alpha, point.std)
 
     def result(self, x: torch.Tensor) -> SampleResult:
-        """SampleResult(x, nfe) after the last non-finite check."""
+        """SampleResult(x, nfe) after the projection at t = 0 (``DATA_POINT``: the known part
+        of an inverse problem is the observation exactly) and the last non-finite check."""
+        x = self.project(x, DATA_POINT)
         self._guard.update("final", x, None)
         self._guard.check()
         return SampleResult(x=x, nfe=self.counter.nfe)

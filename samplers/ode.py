@@ -271,18 +271,43 @@ def ode_sample(score_fn: Callable, sde: SDE, shape, *, method: str = "dopri5", r
                                                             device=run.x.device)
         evaluations = 0
 
+        constraint = _constraint(run)
+
         def field(y, t64):
+            if constraint is not None:     # an inverse problem: the known part on its path
+                y = constraint.constrain(y, run.schedule.at(t64))
+                return constraint.free(probability_flow_velocity(run.counter, sde, y,
+                                                                 t64.expand(run.batch)))
             return probability_flow_velocity(run.counter, sde, y, t64.expand(run.batch))
 
         def on_eval(t64, y):
             nonlocal evaluations
-            run.step(evaluations, y, run.schedule.at(t64) if run.callback else None, guard=False)
+            run.step(evaluations, y, run.schedule.at(t64) if run.callback else None, guard=False,
+                     project=False)
             evaluations += 1
 
         x = integrate(field, run.x, t_start=float(sde.T), t_end=float(eps), method=method,
                       rtol=rtol, atol=atol, grid=grid, t_min=float(eps), t_max=float(sde.T),
                       on_eval=on_eval, what="ode_sample")
+        end = run.schedule.at(torch.tensor(eps, dtype=SCHEDULE_DTYPE, device=x.device))
+        if constraint is not None:
+            x = constraint.constrain(x, end)
         if denoise:
-            x = run.schedule.denoise(x, run.schedule.at(
-                torch.tensor(eps, dtype=SCHEDULE_DTYPE, device=x.device)))
+            x = run.schedule.denoise(x, end)
         return run.result(x)
+
+
+def _constraint(run: Harness):
+    """The harness's projection as a constraint of the vector field: ``constrain(x, point)``
+    puts the known part on a fixed path (one noise draw for the whole solve, so the field is
+    smooth in t) and ``free(v)`` zeroes the known part of a velocity. A projection without
+    them (a plain callable) cannot act inside an ODE solve."""
+    projection = run.projection
+    if projection is None:
+        return None
+    if not (hasattr(projection, "constrain") and hasattr(projection, "free")):
+        raise ValueError("ode_sample applies a projection inside the vector field and needs "
+                         "one with constrain(x, point) and free(v) (samplers.inverse."
+                         "Replacement); use another sampler for a plain projection callable")
+    projection.fix_noise(run.x, run.generator)
+    return projection

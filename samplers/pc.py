@@ -31,8 +31,9 @@ class PCPlan:
     """The precomputed schedule of a PC run, one entry per step k = 0..N-1: the (B,) times
     t_k and next times t_{k+1} (0 after the last step) on the device, the host points at
     t_{k+1}, the chain levels N - 1 - k ((B,) long), and the host floats dt_k = t_k - t_{k+1},
-    the Langevin factor alpha_k and std(t_k)."""
+    the Langevin factor alpha_k and std(t_k); the host points at t_k."""
     times: list
+    points: list
     next_times: list
     next_points: list
     levels: list
@@ -49,7 +50,7 @@ def _plan(run: Harness, eps: float) -> PCPlan:
     times, points = run.points(grid)
     next_times, next_points = run.points(grid_next)
     levels = torch.arange(sde.N - 1, -1, -1, device=run.x.device)
-    return PCPlan(times=times, next_times=next_times, next_points=next_points,
+    return PCPlan(times=times, points=points, next_times=next_times, next_points=next_points,
                   levels=[v.expand(run.batch) for v in levels.unbind()],
                   dts=(grid - grid_next).tolist(),
                   langevin_factors=sde.langevin_step_factor(grid).tolist(),
@@ -210,7 +211,9 @@ def pc_sample(score_fn: Callable, sde: SDE, shape, *, predictor: str = "reverse_
             plan.ancestral = list(zip(*(v.tolist() for v in ancestral_coefficients(sde, levels))))
         x = x_mean = run.x
         for k in range(sde.N):
-            x, x_mean = correct(run, plan, x, k, snr=snr, n_steps=n_steps)
+            if corrector != "none":
+                x, x_mean = correct(run, plan, x, k, snr=snr, n_steps=n_steps)
+                x = run.project(x, plan.points[k])
             x, x_mean = predict(run, plan, x, k)
-            run.step(k, x, plan.next_points[k])
+            x = run.step(k, x, plan.next_points[k])
         return run.result(x_mean if denoise else x)
