@@ -364,12 +364,13 @@ class _Run:
                                            if isinstance(v, dict)))
 
     def metrics(self, state: TrainState, start_step: int, seconds: float) -> dict:
-        """step, start_step, loss (last training loss), seconds_per_step, test (the last
-        evaluation), evaluations ({step: values}), the classifier and the SDE."""
+        """step, start_step, loss (the last training loss), losses (of this call; not in
+        metrics.json), seconds_per_step, test (the last evaluation), evaluations ({step:
+        values}), the classifier, its number of parameters and the SDE."""
         steps = state.step - start_step
         last = self.evals[max(self.evals)] if self.evals else None
         return {"step": state.step, "start_step": start_step,
-                "loss": self.losses[-1] if self.losses else None,
+                "loss": self.losses[-1] if self.losses else None, "losses": self.losses,
                 "seconds_per_step": seconds / steps if steps else None,
                 "test": last, "evaluations": {str(k): v for k, v in self.evals.items()},
                 "classifier": self.metadata["classifier"]["name"],
@@ -413,5 +414,6 @@ def train_classifier(config, workdir, *, progress: bool = True) -> dict:
     finally:
         run.writer.close()
     metrics = run.metrics(state, start_step, time.perf_counter() - started)
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (folder / "metrics.json").write_text(json.dumps(
+        {k: v for k, v in metrics.items() if k != "losses"}, indent=2) + "\n")
     return metrics
