@@ -17,6 +17,7 @@ they are Gaussian mixtures in closed form at every t:
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -436,3 +437,112 @@ def test_recovery_bounds_catch_twice_the_guidance(mix):
     result = samplers.dpm_solver_sample(guided, sde, (N_SAMPLES, 2), x_init=exact_start(mix, sde, LABELS, 1))
     tv, _ = class_mode_errors(mix, result.x, LABELS)
     assert tv > 2 * TV_BOUND, tv
+
+
+# ----- sampling: w > 0 follows the guided score ---------------------------------------------
+N_GUIDED = 3000                                    # 1000 per class
+GUIDED_LABELS = torch.arange(N_GUIDED) % NUM_CLASSES
+GUIDANCE_SCALES = (0.0, 1.0, 3.0)
+#: Noise level (VE-equivalent, x + sigma z) at which the exact classifier's confidence is read:
+#: at sigma = 0 every sample sits in a mode of its class (confidence ~1 for all w); at 0.3 the
+#: neighbouring modes (1.53 apart) overlap enough for the confidence to show where in its
+#: modes guidance puts a sample.
+CONFIDENCE_SIGMA = 0.3
+
+
+@functools.lru_cache(maxsize=None)
+def guided_reference(sde_name: str, w: float) -> torch.Tensor:
+    """The high-accuracy reference for the CFG score of w: the probability-flow ODE (dopri5,
+    rtol = atol = 1e-6, to eps = 1e-5) on the closed-form guided score, from the exact
+    p_T(x | y) (seed 7). Its samples differ from those at 1e-7 by at most 1.4e-4 (measured)."""
+    mix, sde = labelled_mixture(), SDES[sde_name]()
+    return samplers.ode_sample(mix.guided_score_fn(sde, GUIDED_LABELS, w), sde, (N_GUIDED, 2),
+                               x_init=exact_start(mix, sde, GUIDED_LABELS, 7), rtol=1e-6,
+                               atol=1e-6, eps=1e-5).x
+
+
+def confidences(mix, x, labels, seed: int = 11) -> torch.Tensor:
+    """p_sigma(y_i | x_i + sigma z_i) of the exact classifier at CONFIDENCE_SIGMA, (n,)."""
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    logits = mix.classifier_logits(x + CONFIDENCE_SIGMA * z, 1.0, CONFIDENCE_SIGMA)
+    return logits.gather(1, labels[:, None]).squeeze(1).exp()
+
+
+def paired_mode_errors(mix, x, reference, labels):
+    """(max over classes of the TV between the mode weights of x and of the reference, max over
+    modes of the Frechet distance between x's and the reference's samples of the mode)."""
+    nearest, nearest_ref = nearest_mode(mix, x), nearest_mode(mix, reference)
+    tvs, fds = [], []
+    for c in range(mix.num_classes):
+        rows = labels == c
+        a, b = (torch.bincount(v[rows], minlength=mix.num_components).to(F64) / rows.sum()
+                for v in (nearest, nearest_ref))
+        tvs.append(0.5 * (a - b).abs().sum().item())
+        for k in (mix.labels == c).nonzero().flatten().tolist():
+            fds.append(frechet_from_moments(*sample_moments(x[rows][nearest[rows] == k]),
+                                            *sample_moments(reference[rows][nearest_ref[rows] == k])))
+    return max(tvs), max(fds)
+
+
+#: Settings at which the ODE samplers converge on the guided score (at w = 3 the default 20
+#: DPM-Solver / 18 EDM steps leave the smallest mode 0.035 / 0.066 FD from the reference,
+#: 0.0005 / 0.0001 at 40 / 36 steps) and their per-mode FD bounds against the reference,
+#: ~1.7x the worst measured over w = 0, 1, 3 and VP / sub-VP / VE: ode 0 (the same flow at
+#: rtol 1e-5), ddim 0.0029 (100 steps), dpm_solver 0.0017, edm 0.0004, dpm_adaptive 0.0001.
+GUIDED_SETTINGS = {"ode": (dict(eps=1e-5), 0.0005), "ddim": (dict(num_steps=100), 0.005),
+                   "dpm_solver": (dict(num_steps=40), 0.003), "edm": (dict(num_steps=36), 0.001),
+                   "dpm_adaptive": ({}, 0.0005)}
+
+
+def _guided_cases():
+    for name in GUIDED_SETTINGS:
+        for sde_name in SDES:
+            fast = (name, sde_name) == ("dpm_solver", "vp")
+            yield pytest.param(name, sde_name, id=f"{name}-{sde_name}",
+                               marks=[] if fast else [pytest.mark.slow])
+
+
+@pytest.mark.parametrize("name, sde_name", list(_guided_cases()))
+def test_cfg_samplers_follow_the_closed_form_guided_flow(mix, name, sde_name):
+    """For w = 0, 1, 3 an ODE sampler run on classifier_free_guidance of the exact label-aware
+    score, from the reference's x_T, lands where the reference ODE on the closed-form guided
+    score does: class mode weights within 0.015 TV of the reference's (measured <= 0.007, DDIM;
+    the paired samples cancel the sampling noise: one sample in another mode is 0.001), every
+    mode within the sampler's FD bound, and the mean exact-classifier confidence within 0.003
+    of the reference's (measured <= 0.0014; w = 1 and 3 raise it by 0.015 and 0.007).
+
+    The reverse-SDE samplers (pc, ald) are not compared here: for w > 0 the guided score is
+    not the score of one diffusing density, so the SDE and the ODE target different
+    distributions (measured at w = 3 on VP: confidence 0.974 for Euler-Maruyama at 4000
+    steps, 0.968 for PC with Langevin correction, 0.989 for the ODE)."""
+    sde = SDES[sde_name]()
+    options, fd_bound = GUIDED_SETTINGS[name]
+    x_T = exact_start(mix, sde, GUIDED_LABELS, 7)
+    for w in GUIDANCE_SCALES:
+        reference = guided_reference(sde_name, w)
+        guided = samplers.classifier_free_guidance(mix.label_score_fn(sde), GUIDED_LABELS, w,
+                                                   mix.null_label)
+        x = samplers.SAMPLERS[name](guided, sde, (N_GUIDED, 2), x_init=x_T, **options).x
+        tv, fd = paired_mode_errors(mix, x, reference, GUIDED_LABELS)
+        gap = (confidences(mix, x, GUIDED_LABELS) - confidences(mix, reference, GUIDED_LABELS)).mean()
+        assert tv < 0.015 and fd < fd_bound and abs(gap) < 0.003, (w, tv, fd, gap.item())
+
+
+@pytest.mark.parametrize("sde_name", [pytest.param(s, marks=[] if s == "vp" else [pytest.mark.slow])
+                                      for s in SDES])
+def test_guidance_raises_the_exact_classifier_confidence(mix, sde_name):
+    """Along w = 0, 1, 3 the guided flow puts samples where the exact classifier is more sure
+    of their class: at w = 0 the reference's mean confidence equals the closed-form value for
+    p(x | y) (0.9673 +- 0.0004, Monte Carlo over 100000 exact samples) within 4 standard errors
+    (SE 0.0022 at n = 3000; measured 0.9664 VP, 0.9682 VE), and each step in w raises it by
+    more than 4 paired standard errors (measured +0.017 and +0.0065 on VP, SE 0.0015 and
+    0.0008; +0.014 and +0.0075 on VE)."""
+    n_exact = 100000
+    labels = torch.arange(n_exact) % NUM_CLASSES
+    exact = confidences(mix, class_samples(mix, labels, seed=5), labels, seed=6)
+    values = [confidences(mix, guided_reference(sde_name, w), GUIDED_LABELS) for w in GUIDANCE_SCALES]
+    se = math.sqrt(values[0].var().item() / N_GUIDED + exact.var().item() / n_exact)
+    assert abs(values[0].mean().item() - exact.mean().item()) < 4 * se
+    for lower, higher in zip(values, values[1:]):
+        step = higher - lower
+        assert step.mean().item() > 4 * step.std().item() / math.sqrt(N_GUIDED), step.mean().item()
