@@ -191,6 +191,16 @@ BAD_VALUES = [
     ("sampling.ode.method", "rk5", "unknown method"),
     ("eval.trace", "exakt", "did you mean 'exact'"),
     ("eval.ode_method", "rk5", "did you mean 'rk4'"),
+    # classifier-free guidance training and the classifier group
+    ("training.p_uncond", 1.0, "in [0, 1)"),
+    ("classifier.name", "resnet", "must be one of 'mlp', 'conv', 'wideresnet'"),
+    ("classifier.num_classes", 1, ">= 2"),
+    ("classifier.n_iters", 0, ">= 1"),
+    ("classifier.lr", 0.0, "> 0"),
+    ("classifier.ch_mult", (), "non-empty tuple of integers"),
+    ("classifier.eval_sigmas", (0.1, -1.0), "tuple of numbers > 0"),
+    ("classifier.eps", 1.0, "in (0, 1.0)"),
+    ("classifier.ema_rate", 2.0, "<= 1.0"),
 ]
 
 
@@ -226,6 +236,16 @@ def test_cuda_device_without_cuda():
                                                     "needs likelihood_weighting=True"),
     ("model.ch_mult", (1, 2, 2, 2, 2), "train", "config.model: image_size=8 must be divisible"),
     ("data.dim", 2, "train", "config.data.dim=2 applies to the toy mixtures only"),
+    ("training.p_uncond", 0.1, "train", "config.training.p_uncond=0.1 (classifier-free "
+                                        "guidance training) needs a class-conditional model"),
+    ("classifier.num_classes", 8, "train", "config.classifier.num_classes=8 but digits has 10 "
+                                           "classes"),
+    ("classifier.hidden_dim", 64, "train", "config.classifier.hidden_dim applies to "
+                                           "config.classifier.name='mlp', not 'conv'"),
+    ("classifier.eval_sigmas", (0.5, 1000.0), "train", "config.classifier.eval_sigmas has "
+                                                       "1000, outside the noise levels"),
+    ("classifier.batch_size", 5000, "train_classifier", "config.classifier.batch_size=5000 is "
+                                                        "larger than the training set"),
 ])
 def test_inconsistent_values_name_the_key(key, value, mode, text):
     config = config_of()
@@ -275,6 +295,7 @@ def test_batch_size_must_divide_among_the_processes(monkeypatch):
     ("sampling.ddim.order", "config.sampling.dpm_adaptive.order"),
     ("eval.foo", "valid keys:"),
     ("seeds", "did you mean config.seed?"),
+    ("classifier.n_iter", "did you mean config.classifier.n_iters?"),
 ])
 def test_unknown_key_names_the_closest_key(key, hint):
     config = config_of()
@@ -315,6 +336,14 @@ def test_missing_group_and_toy_keys():
     config = config_of()
     delete(config, "optim")
     expect_error(config, "config.optim is missing or not a group")
+    config = config_of()
+    delete(config, "classifier")           # optional but for the mode that trains it
+    validate_config(config, "train")
+    expect_error(config, "config.classifier is missing: --mode train_classifier needs it",
+                 mode="train_classifier")
+    config = config_of()
+    delete(config, "classifier.n_iters")
+    expect_error(config, "config.classifier.n_iters is missing")
     toy = config_of(TOY)
     delete(toy, "eval.score_error_eps")
     expect_error(toy, "config.eval.score_error_eps is missing")
@@ -493,6 +522,10 @@ def _cli_cases(tmp_path) -> list:
         ([*config, "--workdir", tmp_path / "afile"], f"--workdir {tmp_path / 'afile'} is a file"),
         (["--config.training.n_iters=5"], "no --config was given"),
         (sample, "no checkpoint at"),
+        (["--mode", "train_classifier", *config, "--config.classifier.lr=0"],
+         "config.classifier.lr must be a finite number > 0"),
+        (["--mode", "train_classifier", *config, "--sampler", "pc"],
+         "--sampler applies to --mode sample, not --mode train_classifier"),
         (["--config", "configs/ve/ncsn_cifar.py", "--config.data.data_dir", tmp_path / "none"],
          "CIFAR-10 not found: put"),
         ([*config, "--checkpoint", tmp_path / "good.pt"],
