@@ -546,3 +546,49 @@ def test_guidance_raises_the_exact_classifier_confidence(mix, sde_name):
     for lower, higher in zip(values, values[1:]):
         step = higher - lower
         assert step.mean().item() > 4 * step.std().item() / math.sqrt(N_GUIDED), step.mean().item()
+
+
+# ----- a learned classifier -----------------------------------------------------------------
+def train_mixture_classifier(mix, sde, *, steps: int = 400, batch: int = 512, seed: int = 0):
+    """models.build_classifier('mlp') trained on the labelled mixture with
+    sde_lib.classifier_losses (cross-entropy at x_t, t ~ U(eps, T)): Adam at 3e-3 with a
+    cosine decay, float32, seeded. Returns its logits_fn(x, t)."""
+    torch.manual_seed(seed)
+    net = models.build_classifier("mlp", data_shape=(2,), num_classes=mix.num_classes)
+    logits_fn = models.get_logits_fn(sde, net)
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, k = mix.sample(batch, generator=g, return_components=True)
+        loss = sde_lib.classifier_losses(logits_fn, sde, x, mix.labels[k], generator=g).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        decay.step()
+    return logits_fn
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(models, "build_classifier"), reason="models/classifier.py absent")
+def test_learned_classifier_guidance_is_close_to_the_exact_classifiers(mix):
+    """A classifier trained for 400 steps guides the exact unconditional score (s = 1, DPM-
+    Solver, VP, the same x_T) close to where the exact classifier does. Measured (n = 3000,
+    training seeds 0 / 1 / 2): the share of samples in a mode of their own class is 0.943 /
+    0.955 / 0.948 (exact classifier 1.0, no guidance 0.33): bound 0.9; class mode weights
+    0.070 / 0.055 / 0.064 TV from the exact-classifier samples (no guidance: 0.75; the
+    learned gradient at high noise moves mass between a class's modes): bound 0.12; per-mode
+    FD 0.0029 / 0.0029 / 0.0020 (the modes' shape comes from the exact score): bound 0.006.
+    Slow: training takes 30-45 s on a loaded 2-core CPU."""
+    sde = SDES["vp"]()
+    logits_fn = train_mixture_classifier(mix, sde)
+    x_T = exact_start(mix, sde, GUIDED_LABELS, 1).float()
+    exact = samplers.dpm_solver_sample(
+        samplers.classifier_guidance(mix.score_fn(sde), mix.logits_fn(sde), GUIDED_LABELS, 1.0),
+        sde, x_T.shape, x_init=x_T).x.double()
+    learned = samplers.dpm_solver_sample(
+        samplers.classifier_guidance(mix.score_fn(sde), logits_fn, GUIDED_LABELS, 1.0),
+        sde, x_T.shape, x_init=x_T).x.double()
+    own_class = (mix.labels[nearest_mode(mix, learned)] == GUIDED_LABELS).double().mean().item()
+    tv, fd = paired_mode_errors(mix, learned, exact, GUIDED_LABELS)
+    assert own_class > 0.9 and tv < 0.12 and fd < 0.006, (own_class, tv, fd)
