@@ -7,6 +7,7 @@
     python main.py --mode sample     --config configs/vp/ddpm_digits.py --workdir runs/digits_vp --sampler pc
     python main.py --mode likelihood --config configs/vp/ddpm_digits.py --workdir runs/digits_vp
     python main.py --mode train_classifier --config configs/vp/ddpm_digits.py --workdir runs/digits_vp
+    python main.py --mode inpaint    --config configs/vp/ddpm_digits.py --workdir runs/digits_vp
     python main.py --mode compare    --workdir runs/digits_vp,runs/digits_ve
     python main.py --mode demo       --workdir runs/digits   # train VP + VE, sample, bits/dim, table
 
@@ -14,7 +15,9 @@ train: run_lib.train.train (resuming from <workdir>/checkpoints/latest.pt); samp
 likelihood: run_lib.evaluate with the EMA weights (bits/dim for images, nats next to the true
 NLL for the toy mixtures); train_classifier: run_lib.classifier.train_classifier (the
 noise-conditional classifier of config.classifier for guidance, under <workdir>/classifier/,
-resuming like train); compare: one table of several work directories (comma-separated
+resuming like train); inpaint: run_lib.inverse.inpaint (config.inpaint's inverse problem:
+inpainting, colorization or super-resolution of test images, written to <workdir>/inpaint/);
+compare: one table of several work directories (comma-separated
 --workdir; no --config needed). Any config value can be overridden, e.g.
 --config.training.n_iters=500.
 
@@ -42,7 +45,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                 lock_config=True)
 flags.DEFINE_enum("mode", "train", ["train", "sample", "likelihood", "compare", "demo",
-                                    "train_classifier"],
+                                    "train_classifier", "inpaint"],
                   "train: fit the score model; sample: draw samples with --sampler; "
                   "likelihood: log-likelihood (bits/dim for images) of held-out data through the "
                   "probability-flow ODE; compare: one table of the results of several "
@@ -50,7 +53,8 @@ flags.DEFINE_enum("mode", "train", ["train", "sample", "likelihood", "compare", 
                   "(train VP and VE models, sample with PC and ODE, compare bits/dim); "
                   "train_classifier: fit the noise-conditional classifier of config.classifier "
                   "on data perturbed by config.sde, for classifier guidance (written to "
-                  "<workdir>/classifier/).")
+                  "<workdir>/classifier/); inpaint: fill, colorize or super-resolve test "
+                  "images with the trained run (config.inpaint; written to <workdir>/inpaint/).")
 flags.DEFINE_integer("demo_steps", 1500, "Training steps of each --mode demo model.")
 flags.DEFINE_string("workdir", None, "Work directory for config, logs, weights and results "
                     "(--mode compare: a comma-separated list).")
@@ -62,9 +66,9 @@ flags.DEFINE_string("checkpoint", None, "--mode sample / likelihood: a checkpoin
 flags.mark_flags_as_required(["workdir"])
 
 #: The modes that use each optional flag; given to another mode it is an error.
-FLAG_MODES = {"config": ("train", "sample", "likelihood", "train_classifier"),
+FLAG_MODES = {"config": ("train", "sample", "likelihood", "train_classifier", "inpaint"),
               "sampler": ("sample",),
-              "checkpoint": ("sample", "likelihood"), "demo_steps": ("demo",)}
+              "checkpoint": ("sample", "likelihood", "inpaint"), "demo_steps": ("demo",)}
 
 
 # ----------------------------------------------------------------------------- flags
@@ -204,6 +208,13 @@ def run_likelihood() -> dict:
     return evaluate.likelihood(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint)
 
 
+def run_inpaint() -> dict:
+    """config.inpaint's inverse problem on the run's EMA weights (run_lib.inverse)."""
+    config = _checked_config("inpaint")
+    from run_lib.inverse import inpaint
+    return inpaint(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint)
+
+
 def run_compare() -> str:
     _check_flags("compare")
     from run_lib.evaluate import compare_workdirs
@@ -229,7 +240,8 @@ def run_demo() -> str:
 
 
 MODES = {"train": run_train, "sample": run_sample, "likelihood": run_likelihood,
-         "compare": run_compare, "demo": run_demo, "train_classifier": run_train_classifier}
+         "compare": run_compare, "demo": run_demo, "train_classifier": run_train_classifier,
+         "inpaint": run_inpaint}
 
 
 def main(argv):

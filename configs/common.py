@@ -79,3 +79,20 @@ def classifier_group(*, name: str, num_classes: int, n_iters: int, batch_size: i
         grad_clip=1.0, ema_rate=0.999, eps=1e-5, log_freq=100,
         snapshot_freq=max(n_iters // 2, 1), snapshot_freq_for_preemption=max(n_iters // 4, 1),
         eval_freq=max(n_iters // 4, 1), eval_batches=4, eval_sigmas=tuple(eval_sigmas)))
+
+
+def inpaint_group(*, num_images: int = 16) -> ml_collections.ConfigDict:
+    """The inverse problem of --mode inpaint (run_lib.inverse): ``task`` 'inpaint' (fill the
+    region ``mask``: 'left_half', 'bottom_half', 'center', 'random' with ``random_fraction`` of
+    the pixels known, or the path of a PNG, white = known), 'colorize' (RGB data) or
+    'super_resolution' (``factor`` x ``factor`` block means observed); ``method`` 'replace' |
+    'smc' | 'pigdm' (samplers.INVERSE_METHODS) with the registry ``sampler`` and its options
+    config.sampling.<sampler> ('smc' runs its own filter with ``particles`` and
+    ``ess_threshold`` on the pc grid); ``noise_std`` of the observation ('pigdm' only) and its
+    ``guidance_scale``; ``known_noise`` of 'replace' ('fresh' | 'fixed'); ``images`` 'test' (the
+    first ``num_images`` of the test split) or an .npz / .png file; ``batch_size`` images per
+    sampler call (0: all at once)."""
+    return ml_collections.ConfigDict(dict(
+        task="inpaint", mask="bottom_half", random_fraction=0.5, factor=2, method="replace",
+        sampler="pc", images="test", num_images=num_images, batch_size=0, noise_std=0.0,
+        guidance_scale=1.0, particles=16, ess_threshold=0.5, known_noise="fresh"))

@@ -9,8 +9,8 @@ with data.download=True it is fetched there when missing (run_lib.datasets.load_
 """
 import ml_collections
 
-from configs.common import (classifier_group, eval_group, optim_group, sampling_group,
-                            sde_group, training_group)
+from configs.common import (classifier_group, eval_group, inpaint_group, optim_group,
+                            sampling_group, sde_group, training_group)
 
 
 def get_default_configs():
@@ -58,6 +58,8 @@ def get_default_configs():
     config.classifier.snapshot_freq = 25_000
     config.classifier.snapshot_freq_for_preemption = 5000
     config.classifier.eval_freq = 5000
+    # --mode inpaint (run_lib.inverse): inpaint, colorize or super-resolve test images
+    config.inpaint = inpaint_group(num_images=16)
     return config
 
 

@@ -2,8 +2,8 @@
 training): a tiny DDPM U-Net that trains in a few minutes on a CPU."""
 import ml_collections
 
-from configs.common import (classifier_group, eval_group, optim_group, sampling_group,
-                            sde_group, training_group)
+from configs.common import (classifier_group, eval_group, inpaint_group, optim_group,
+                            sampling_group, sde_group, training_group)
 
 
 def get_default_configs():
@@ -56,4 +56,6 @@ def get_default_configs():
         name="conv", num_classes=10, nf=32, ch_mult=(1, 2, 2), embedding_dim=64,
         fourier_scale=1.0, n_iters=1000, batch_size=128, lr=2e-3,
         eval_sigmas=(0.1, 0.5, 1.0, 2.0))
+    # --mode inpaint: fill the bottom half of the first 16 test digits (run_lib.inverse)
+    config.inpaint = inpaint_group(num_images=16)
     return config

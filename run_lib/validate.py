@@ -51,7 +51,7 @@ __all__ = ["ConfigError", "validate_config", "load_config_file", "check_override
            "check_workdir", "check_checkpoint_file", "OLD_KEYS", "GROUPS", "MODES"]
 
 #: The modes validate_config knows (main.py's compare and demo modes read no config file).
-MODES = ("train", "sample", "likelihood", "train_classifier")
+MODES = ("train", "sample", "likelihood", "train_classifier", "inpaint")
 
 
 class ConfigError(ValueError):
@@ -249,10 +249,19 @@ GROUPS: dict[str, dict[str, Check]] = {
         "eps": real(0.0, strict=True), "log_freq": integer(1), "snapshot_freq": integer(1),
         "snapshot_freq_for_preemption": integer(1), "eval_freq": integer(0),
         "eval_batches": integer(1), "eval_sigmas": positive_reals},
+    # the inverse problem of --mode inpaint (run_lib.inverse; the mask, the images file and
+    # the method / sampler combination are checked in that mode: _check_inpaint)
+    "inpaint": {
+        "task": choice(lambda: _inverse().TASKS), "mask": text,
+        "random_fraction": real(0.0, maximum=1.0), "factor": integer(2),
+        "method": choice(samplers.INVERSE_METHODS), "sampler": choice(samplers.SAMPLERS),
+        "images": text, "num_images": integer(1), "batch_size": integer(0),
+        "noise_std": real(0.0), "guidance_scale": real(0.0), "particles": integer(1),
+        "ess_threshold": real(0.0, maximum=1.0), "known_noise": choice(samplers.KNOWN_NOISE)},
 }
 
 #: Groups a config may leave out (each mode that needs one says so: OPTIONAL_GROUPS[name]).
-OPTIONAL_GROUPS = {"classifier": ("train_classifier",)}
+OPTIONAL_GROUPS = {"classifier": ("train_classifier",), "inpaint": ("inpaint",)}
 
 #: Keys the code reads without a default (a config without them fails later).
 REQUIRED = {
@@ -268,6 +277,9 @@ REQUIRED = {
     "classifier": ("name", "num_classes", "n_iters", "batch_size", "lr", "warmup",
                    "weight_decay", "grad_clip", "ema_rate", "eps", "log_freq", "snapshot_freq",
                    "snapshot_freq_for_preemption", "eval_freq", "eval_batches", "eval_sigmas"),
+    "inpaint": ("task", "mask", "random_fraction", "factor", "method", "sampler", "images",
+                "num_images", "batch_size", "noise_std", "guidance_scale", "particles",
+                "ess_threshold", "known_noise"),
 }
 REQUIRED_DATA = {"images": ("name", "data_dir", "image_size", "num_channels", "centered"),
                  "toy": ("name", "dim", "train_size", "test_size")}
@@ -312,7 +324,8 @@ OLD_KEYS = {
 }
 
 #: A dotted config path in a message (to write it as config.<path> or --config.<path>).
-_PATH = re.compile(r"\b((?:seed|device|data|sde|model|training|optim|sampling|eval|classifier)"
+_PATH = re.compile(r"\b((?:seed|device|data|sde|model|training|optim|sampling|eval|classifier|"
+                   r"inpaint)"
                    r"(?:\.[\w<>]+)*)(?!\w)")
 
 
@@ -693,6 +706,50 @@ def _check_samplers(config, sde, mode: str, sampler: str | None) -> None:
         _sampler_options(config, sde, grid, f"config.training.grid_sampler={grid!r}")
 
 
+# ----------------------------------------------------------------------------- inpaint
+
+def _inverse():
+    from . import inverse
+    return inverse
+
+
+#: Test-split sizes of the image data sets (an image folder's is known once read).
+TEST_SIZES = {"digits": 297, "cifar10": 10_000, "mnist": 10_000}
+
+
+def _check_inpaint(config, sde) -> None:
+    """config.inpaint for --mode inpaint: the mask (a name, or a PNG file of the images'
+    size), the images ('test' within the test split, or a readable .npz / .png of the data's
+    shape), an unconditional score, the sampler on the SDE, and the library's own checks of
+    task, method, sampler and noise (run_lib.inverse.check_problem: the operator against the
+    data shape, combinations it refuses), all before any work."""
+    inverse = _inverse()
+    group = config.inpaint
+    mask = str(group.mask)
+    if group.task == "inpaint" and not mask.lower().endswith(".png") and mask not in inverse.MASKS:
+        raise ConfigError(f"config.inpaint.mask={mask!r} is not a mask: use one of "
+                          f"{', '.join(map(repr, inverse.MASKS))} or the path of a PNG file "
+                          f"(white = known){_did_you_mean(mask, inverse.MASKS)}")
+    images = str(group.images)
+    size = TEST_SIZES.get(config.data.name)
+    if images == "test" and size is not None and int(group.num_images) > size:
+        raise ConfigError(f"config.inpaint.num_images={group.num_images} but the "
+                          f"{config.data.name} test split has {size} images; use at most {size}")
+    if config.model.get("num_classes") and compose.null_label(config) is None:
+        raise ConfigError("--mode inpaint needs an unconditional score, and this model is "
+                          "class-conditional without a null label: train it with "
+                          "config.training.p_uncond > 0 or use an unconditional config")
+    if group.method != "smc":
+        _sampler_options(config, sde, str(group.sampler),
+                         f"config.inpaint.sampler={group.sampler!r}")
+    try:
+        if images != "test":
+            inverse.load_images(config)
+        inverse.check_problem(config, sde)
+    except (ValueError, OSError) as error:
+        raise ConfigError(_message(error)) from None
+
+
 # ----------------------------------------------------------------------------- the config
 
 def validate_config(config, mode: str = "train", *, sampler: str | None = None) -> None:
@@ -705,6 +762,10 @@ def validate_config(config, mode: str = "train", *, sampler: str | None = None) 
     if not hasattr(config, "items"):
         raise ConfigError(f"the config must be an ml_collections.ConfigDict, got "
                           f"{type(config).__name__}")
+    if mode == "inpaint" and "data" in config and _data_kind(config) == "toy":
+        raise ConfigError(f"--mode inpaint needs image data; config.data.name="
+                          f"{config.data.name!r} is a distribution of points: use an image "
+                          "config, e.g. configs/vp/ddpm_digits.py")
     _check_groups(config, mode)
     _check_data(config)
     sde = _build_sde(config)
@@ -715,6 +776,8 @@ def validate_config(config, mode: str = "train", *, sampler: str | None = None) 
         _check_classifier(config, sde, mode)
     _check_likelihood(config, sde, mode)
     _check_samplers(config, sde, mode, sampler)
+    if mode == "inpaint":
+        _check_inpaint(config, sde)
 
 
 # ----------------------------------------------------------------------------- files
