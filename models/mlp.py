@@ -78,6 +78,10 @@ class MLPScoreNet(nn.Module):
             if class_labels is None:
                 raise ValueError("this model is class-conditional: pass class_labels (B,)")
             emb = emb + self.class_emb(class_labels)
+        elif class_labels is not None:
+            raise ValueError("class_labels given to an MLP score network built without "
+                             "num_classes (an unconditional model): drop the labels or train "
+                             "a class-conditional model (config.model.num_classes)")
         return emb
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor,
