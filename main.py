@@ -5,6 +5,7 @@
     python main.py --mode likelihood --config configs/toy/vp_mixture.py --workdir runs/toy_vp
     python main.py --mode train      --config configs/vp/ddpm_digits.py --workdir runs/digits_vp
     python main.py --mode sample     --config configs/vp/ddpm_digits.py --workdir runs/digits_vp --sampler pc
+    python main.py --mode sample     --config configs/vp/ddpm_digits_cond.py --workdir runs/cond --sampler dpm_solver --config.sampling.class_label=3 --config.sampling.guidance_scale=2.0
     python main.py --mode likelihood --config configs/vp/ddpm_digits.py --workdir runs/digits_vp
     python main.py --mode train_classifier --config configs/vp/ddpm_digits.py --workdir runs/digits_vp
     python main.py --mode inpaint    --config configs/vp/ddpm_digits.py --workdir runs/digits_vp
@@ -63,12 +64,18 @@ flags.DEFINE_enum("sampler", None, list(samplers.SAMPLERS),
 flags.DEFINE_string("checkpoint", None, "--mode sample / likelihood: a checkpoint file instead "
                     "of <workdir>/checkpoints/latest.pt: ours, or one of the official Score SDE "
                     "code (e.g. a published checkpoint_26.pth; converted on load).")
+flags.DEFINE_string("classifier", None, "--mode sample: classifier guidance with this "
+                    "--mode train_classifier checkpoint (or a work directory: its "
+                    "classifier/checkpoints/latest.pt); default: none, or with "
+                    "config.sampling.guidance='classifier' <workdir>/classifier/checkpoints/"
+                    "latest.pt.")
 flags.mark_flags_as_required(["workdir"])
 
 #: The modes that use each optional flag; given to another mode it is an error.
 FLAG_MODES = {"config": ("train", "sample", "likelihood", "train_classifier", "inpaint"),
               "sampler": ("sample",),
-              "checkpoint": ("sample", "likelihood", "inpaint"), "demo_steps": ("demo",)}
+              "checkpoint": ("sample", "likelihood", "inpaint"), "demo_steps": ("demo",),
+              "classifier": ("sample",)}
 
 
 # ----------------------------------------------------------------------------- flags
@@ -168,7 +175,8 @@ def _checked_config(mode: str):
     --checkpoint file, before any work (run_lib.validate)."""
     from run_lib import validate
     _check_flags(mode)
-    validate.validate_config(FLAGS.config, mode, sampler=FLAGS.sampler)
+    validate.validate_config(FLAGS.config, mode, sampler=FLAGS.sampler,
+                             classifier=FLAGS.classifier is not None)
     validate.check_workdir(FLAGS.workdir)
     if FLAGS.checkpoint is not None:
         validate.check_checkpoint_file(FLAGS.checkpoint)
@@ -199,7 +207,7 @@ def run_sample() -> dict:
     config = _checked_config("sample")
     from run_lib import evaluate
     return evaluate.sample(config, FLAGS.workdir, method=FLAGS.sampler,
-                           checkpoint=FLAGS.checkpoint)
+                           checkpoint=FLAGS.checkpoint, classifier=FLAGS.classifier)
 
 
 def run_likelihood() -> dict:

@@ -56,6 +56,21 @@ def sampling_group(*, num_samples: int) -> ml_collections.ConfigDict:
     sampling = ml_collections.ConfigDict()
     sampling.method = "pc"
     sampling.num_samples = num_samples
+    # class-conditional and guided sampling (run_lib.compose.guided_score_fn), every sampler:
+    # class_label: the class of every sample, -1 = balanced over the classes (0, 1, ..., K-1,
+    # 0, ...); guidance: 'none' | 'cfg' | 'classifier' | 'auto' (auto: classifier guidance when
+    # main.py --classifier is given, else CFG for a model trained with training.p_uncond > 0,
+    # else none). CFG (Ho & Salimans 2022): (1 + w) s(x, t, y) - w s(x, t, null), w =
+    # guidance_scale; classifier guidance: s(x, t[, y]) + w grad_x log p_phi(y | x_t, t) with
+    # the train_classifier checkpoint of --classifier (default with guidance='classifier':
+    # <workdir>/classifier/checkpoints/latest.pt). guidance_scale >= 0 (0: unguided).
+    # thresholding: Imagen's dynamic thresholding (Saharia et al. 2022) of the data prediction
+    # at the quantile thresholding_percentile, for data in [-1, 1] (data.centered=True).
+    sampling.class_label = -1
+    sampling.guidance = "auto"
+    sampling.guidance_scale = 0.0
+    sampling.thresholding = False
+    sampling.thresholding_percentile = 0.995
     for name, sampler in samplers.SAMPLERS.items():
         group = ml_collections.ConfigDict()
         for key, value in sampler.defaults.items():

@@ -8,6 +8,8 @@ samplers take plain arguments only.
     loss_fn = compose.build_loss_fn(config, sde)     # config.training
     result = compose.sample(config, score_fn, sde, shape, method="pc", generator=g)
     classifier = compose.build_classifier(config)    # config.classifier (+ data shape)
+    labels = compose.sampling_labels(config, n, classifier=False)   # config.sampling.class_label
+    guided = compose.guided_score_fn(config, sde, score_fn, labels) # CFG / classifier / thresholding
 
 Class-conditional models (config.model.num_classes = K > 0) embed the labels 0..K-1. With
 classifier-free guidance training (config.training.p_uncond > 0; Ho & Salimans 2022) a
@@ -27,7 +29,8 @@ import sde_lib
 
 __all__ = ["build_sde", "build_model", "build_score_fn", "build_loss_fn", "data_shape",
            "sampler_options", "sample", "MODEL_ARGUMENTS", "null_label", "CLASSIFIER_KEYS",
-           "classifier_arguments", "build_classifier", "sde_metadata"]
+           "classifier_arguments", "build_classifier", "sde_metadata", "GUIDANCE",
+           "guidance_method", "label_classes", "sampling_labels", "guided_score_fn"]
 
 
 def _group(config, name: str):
@@ -243,3 +246,136 @@ def sde_metadata(sde: sde_lib.SDE) -> dict:
     name = next(key for key, cls in sde_lib.SDES.items() if type(sde) is cls)
     return {"name": name, **{key: float(getattr(sde, key)) for key in SDE_KEYS[name]},
             "N": int(sde.N)}
+
+
+# ----------------------------------------------------------------------------- guidance
+
+#: Values of config.sampling.guidance ('auto': classifier guidance when a classifier is
+#: given, else CFG when the model has a null label, else none).
+GUIDANCE = ("none", "cfg", "classifier", "auto")
+
+
+def guidance_method(config, *, classifier: bool) -> str:
+    """The guidance of config.sampling ('none', 'cfg' or 'classifier', 'auto' resolved) for a
+    run with (``classifier``) or without a noise-conditional classifier, or a one-line
+    ValueError naming the fix when the config asks for what the model cannot give: a scale
+    without a way to guide, CFG without a null label (training.p_uncond = 0), a class label
+    for an unconditional model, a label outside [0, K), thresholding of data not in [-1, 1]."""
+    s = _group(config, "sampling")
+    guidance = str(s.get("guidance", "auto"))
+    scale = float(s.get("guidance_scale", 0.0))
+    classes = int(config.model.get("num_classes") or 0)
+    null = null_label(config)
+    retrain = ("train with config.model.num_classes and config.training.p_uncond > 0 (e.g. "
+               "configs/vp/ddpm_digits_cond.py), or pass --classifier <train_classifier "
+               "checkpoint>")
+    if guidance not in GUIDANCE:
+        raise ValueError(f"config.sampling.guidance must be one of "
+                         f"{', '.join(map(repr, GUIDANCE))}, got {guidance!r}")
+    if classifier and guidance in ("none", "cfg"):
+        raise ValueError(f"--classifier is for classifier guidance but config.sampling."
+                         f"guidance={guidance!r}: set it to 'classifier' or 'auto', or drop "
+                         "--classifier")
+    if guidance == "auto":
+        guidance = ("classifier" if classifier else "cfg" if null is not None
+                    else "none")
+        if guidance == "none" and scale > 0:
+            if not classes:
+                raise ValueError(f"config.sampling.guidance_scale={scale:g}: guidance on an "
+                                 f"unconditional model needs a classifier or a null label: "
+                                 f"{retrain}")
+            raise ValueError(f"config.sampling.guidance_scale={scale:g}: this class-conditional "
+                             "model was trained with config.training.p_uncond=0 (no null label "
+                             "for classifier-free guidance): retrain with "
+                             "config.training.p_uncond > 0, or pass --classifier")
+    elif guidance == "none" and scale > 0:
+        raise ValueError(f"config.sampling.guidance_scale={scale:g} but config.sampling."
+                         "guidance='none': set guidance='auto' (or 'cfg' / 'classifier') or "
+                         "guidance_scale=0")
+    elif guidance == "cfg" and null is None:
+        what = ("an unconditional model" if not classes else
+                "a class-conditional model trained with config.training.p_uncond=0")
+        raise ValueError(f"config.sampling.guidance='cfg' (classifier-free guidance) needs the "
+                         f"null label of a model trained with config.training.p_uncond > 0, but "
+                         f"this is {what}: {retrain}")
+    if guidance == "classifier" and "classifier" not in config:
+        raise ValueError("classifier guidance needs config.classifier (the classifier's "
+                         "num_classes): add configs.common.classifier_group(...)")
+    label = int(s.get("class_label", -1))
+    k = label_classes(config, classifier=guidance == "classifier")
+    if label >= 0 and not k:
+        raise ValueError(f"config.sampling.class_label={label} is given to an unconditional "
+                         f"model: {retrain}, or use class_label=-1")
+    if label >= k > 0:
+        raise ValueError(f"config.sampling.class_label={label} is outside [0, {k}), the model's "
+                         f"classes: use 0..{k - 1}, or -1 for all classes in turn")
+    if bool(s.get("thresholding", False)):
+        data = config.data
+        if data.get("name") in sde_lib.TOY_DISTRIBUTIONS or not bool(data.get("centered", True)):
+            raise ValueError("config.sampling.thresholding=True (dynamic thresholding) is for "
+                             f"data in [-1, 1], and config.data.name={data.get('name')!r} has "
+                             f"{'points' if 'dim' in data and data.dim else 'centered=False'}: "
+                             "set thresholding=False (or config.data.centered=True)")
+    return guidance
+
+
+def label_classes(config, *, classifier: bool) -> int:
+    """K, the classes the sampled labels range over: config.model.num_classes for a
+    class-conditional model, else config.classifier.num_classes under classifier guidance,
+    else 0 (no labels)."""
+    classes = int(config.model.get("num_classes") or 0)
+    if not classes and classifier:
+        classes = int(config.classifier.num_classes)
+    return classes
+
+
+def sampling_labels(config, n: int, *, classifier: bool, device=None):
+    """The labels (n,) long of the samples: config.sampling.class_label for every sample, or
+    with class_label = -1 the classes 0, 1, ..., K-1, 0, ... (K = ``label_classes``); None
+    when there are no classes (an unconditional model without classifier guidance)."""
+    classes = label_classes(config, classifier=classifier)
+    if not classes:
+        return None
+    label = int(config.sampling.get("class_label", -1))
+    if label >= 0:
+        return torch.full((n,), label, dtype=torch.long, device=device)
+    return torch.arange(n, device=device) % classes
+
+
+def _bind_labels(score_fn, labels, x, t):
+    return score_fn(x, t, labels)
+
+
+def guided_score_fn(config, sde: sde_lib.SDE, score_fn: Callable, labels,
+                    logits_fn: Callable | None = None) -> Callable:
+    """The score_fn(x (B, ...), t (B,)) -> (B, ...) that the samplers get, from the model's
+    label-aware ``score_fn(x, t, class_labels)`` and config.sampling (``guidance_method``):
+
+    * 'cfg': samplers.classifier_free_guidance, (1 + w) s(x, t, y) - w s(x, t, null);
+    * 'classifier': samplers.classifier_guidance with ``logits_fn`` (models.get_logits_fn of
+      a train_classifier network), s(x, t[, y]) + w grad_x log p_phi(y | x_t, t), on the
+      conditional score of a class-conditional model, else on the unconditional one;
+    * 'none': score_fn(x, t, labels) (score_fn(x, t) without labels);
+    then samplers.dynamic_thresholding at config.sampling.thresholding_percentile when
+    config.sampling.thresholding. w = config.sampling.guidance_scale; ``labels`` (B,) long
+    (``sampling_labels``) or None; B must be the sampler's batch."""
+    s = config.sampling
+    method = guidance_method(config, classifier=logits_fn is not None)
+    scale = float(s.get("guidance_scale", 0.0))
+    classes = int(config.model.get("num_classes") or 0)
+    if method == "cfg":
+        guided = samplers.classifier_free_guidance(score_fn, labels, scale, null_label(config),
+                                                   num_classes=classes)
+    elif method == "classifier":
+        if logits_fn is None:
+            raise ValueError("config.sampling.guidance='classifier' needs a classifier: pass "
+                             "--classifier <train_classifier checkpoint>")
+        guided = samplers.classifier_guidance(
+            score_fn, logits_fn, labels, scale, score_labels="class" if classes else None,
+            num_classes=label_classes(config, classifier=True))
+    else:
+        guided = score_fn if labels is None else partial(_bind_labels, score_fn, labels)
+    if bool(s.get("thresholding", False)):
+        guided = samplers.dynamic_thresholding(guided, sde,
+                                               float(s.get("thresholding_percentile", 0.995)))
+    return guided

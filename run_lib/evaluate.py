@@ -27,18 +27,20 @@ import torch
 
 import models
 import samplers
+import sde_lib
 from samplers.harness import progress_bar
 from samplers.metrics import frechet_distance
 
 from . import compose, exact
 from .checkpoints import checkpoint_dir, load_latest, read_checkpoint
 from .datasets import build_dataset, preprocess
-from .images import picture, save_png, to_uint8
+from .images import class_rows, picture, save_png, to_uint8
 from .utils import pick_device, write_config
 
 __all__ = ["load_score_fn", "sample", "likelihood", "draw_samples", "save_samples",
            "sample_quality", "gaussian_fit", "gaussian_fit_bpd", "compare_workdirs",
-           "LoadedRun", "balanced_labels", "with_class_labels"]
+           "LoadedRun", "balanced_labels", "with_class_labels", "classifier_path",
+           "label_accuracy"]
 
 log = logging.getLogger(__name__)
 
@@ -145,21 +147,28 @@ def load_score_fn(config, workdir, device, *, checkpoint: str | None = None,
 
 # ----------------------------------------------------------------------------- sample mode
 
-def draw_samples(config, run: LoadedRun, method: str, *, device, progress: bool = True):
+def draw_samples(config, run: LoadedRun, method: str, *, device, progress: bool = True,
+                 logits_fn=None):
     """config.sampling.num_samples samples in model space, (N, *data_shape) on the CPU, in
     calls of config.sampling.batch_size (0: all at once) from a generator seeded with
-    config.seed + 10. Returns (x, labels (N,) or None, metrics: sampler, step, num_samples,
-    nfe (per call), seconds, samples_per_s, nonfinite_fraction)."""
+    config.seed + 10, with the labels of config.sampling.class_label (-1: 0, 1, ..., K-1, 0,
+    ...) and the guidance of config.sampling (compose.guided_score_fn; ``logits_fn``: the
+    classifier of classifier guidance). Returns (x, labels (N,) or None, metrics: sampler,
+    step, num_samples, nfe (per call; a CFG step is two network passes), seconds,
+    samples_per_s, nonfinite_fraction)."""
     n = int(config.sampling.num_samples)
     batch_size = int(config.sampling.get("batch_size", 0) or n)
     shape = compose.data_shape(config)
     generator = torch.Generator(device=device).manual_seed(int(config.seed) + SAMPLE_SEED)
-    labels = balanced_labels(n, run.num_classes, device)   # one per sample, across calls
+    labels = compose.sampling_labels(config, n, classifier=logits_fn is not None,
+                                     device=device)    # one per sample, across calls
     parts, nfe = [], 0
     start = time.perf_counter()
     for first in range(0, n, batch_size):
         size = min(batch_size, n - first)
-        score_fn = run.score_for_labels(None if labels is None else labels[first:first + size])
+        score_fn = compose.guided_score_fn(
+            config, run.sde, run.score_fn,
+            None if labels is None else labels[first:first + size], logits_fn)
         result = compose.sample(config, score_fn, run.sde, (size, *shape), method=method,
                                 generator=generator, device=device, progress=progress)
         parts.append(result.x.detach().cpu())
@@ -175,10 +184,13 @@ def draw_samples(config, run: LoadedRun, method: str, *, device, progress: bool 
     return x, labels, metrics
 
 
-def save_samples(config, workdir, method: str, x: torch.Tensor, labels, *, step: int) -> None:
+def save_samples(config, workdir, method: str, x: torch.Tensor, labels, *, step: int,
+                 num_classes: int = 0) -> None:
     """samples_<method>.npz (uint8 ``images`` (N, C, H, W), or float32 ``samples`` (N, D) for
-    flat data; ``labels`` for class-conditional runs), samples_<method>.png (a grid of the
-    first 100 images at >= 64 px, or a scatter plot) and the picture in TensorBoard."""
+    flat data; ``labels`` (N,) when the samples have labels), samples_<method>.png (a grid of
+    the first 100 images at >= 64 px; for labels of several of ``num_classes`` classes, as
+    class_label = -1 gives, one row per class with its first 10 images; or a scatter plot)
+    and the picture in TensorBoard."""
     workdir = Path(workdir)
     centered = bool(config.data.get("centered", True))
     arrays = ({"images": to_uint8(x, centered=centered).numpy()} if x.ndim == 4
@@ -186,7 +198,10 @@ def save_samples(config, workdir, method: str, x: torch.Tensor, labels, *, step:
     if labels is not None:
         arrays["labels"] = labels.cpu().numpy()
     np.savez_compressed(workdir / f"samples_{method}.npz", **arrays)
-    image = picture(x, centered=centered, max_images=100, min_pixels=64)
+    if x.ndim == 4 and labels is not None and num_classes > 1 and labels.unique().numel() > 1:
+        image = class_rows(x, labels, num_classes, centered=centered, min_pixels=64)
+    else:
+        image = picture(x, centered=centered, max_images=100, min_pixels=64)
     save_png(image, workdir / f"samples_{method}.png")
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(str(workdir / "tensorboard")) as writer:
@@ -218,23 +233,106 @@ def sample_quality(config, x: torch.Tensor) -> dict:
             "pixel_fd_train_to_test": _pixel_fd(train.images, test.images)}
 
 
+def classifier_path(config, workdir, classifier: str | None) -> Path | None:
+    """The classifier checkpoint of classifier guidance: ``classifier`` (main.py --classifier:
+    a file, or a work directory whose classifier/checkpoints/latest.pt is meant); without it,
+    <workdir>/classifier/checkpoints/latest.pt when config.sampling.guidance='classifier',
+    else None (no classifier guidance). FileNotFoundError (one line) when it is absent."""
+    if classifier is None and config.sampling.get("guidance") != "classifier":
+        return None
+    path = Path(classifier) if classifier is not None else Path(workdir)
+    if path.is_dir():
+        path = path / "classifier" / "checkpoints" / "latest.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no classifier at {path}: run --mode train_classifier with this "
+                                "--config and --workdir first, or pass --classifier <checkpoint>")
+    return path
+
+
+def _load_logits_fn(config, path: Path | None, device):
+    """models.get_logits_fn of the train_classifier checkpoint ``path`` (checked against the
+    config by run_lib.classifier.load_classifier), or None."""
+    if path is None:
+        return None
+    from .classifier import load_classifier
+    network, _ = load_classifier(config, path, device)
+    return models.get_logits_fn(compose.build_sde(config), network)
+
+
+def label_accuracy(config, workdir, x: torch.Tensor, labels) -> dict:
+    """How often a held-out classifier finds the requested labels (N,) in the samples x
+    (model space): {"label_accuracy": {accuracy, per_class, classifier, ceiling}} or, where
+    no such classifier exists, a "skipped" note; {} without labels.
+
+    Digits: run_lib.digits_classifier (a clean conv net trained on the training split only,
+    deterministic; cached in <workdir>/digits_classifier.pt); ceiling = its accuracy on the 297
+    test digits. Toy mixtures: the Bayes classifier of the components (the exact posterior
+    at t = 0); ceiling = its accuracy on the test points."""
+    if labels is None:
+        return {}
+    labels = labels.cpu()
+    name = str(config.data.name)
+    if name == "digits":
+        from .digits_classifier import digits_classifier
+        net, info = digits_classifier(Path(workdir) / "digits_classifier.pt")
+        with torch.no_grad():
+            predicted = net(x.detach().float().cpu().clamp(-1, 1)).argmax(dim=1)
+        ceiling, what = info["test_accuracy"], ("run_lib.digits_classifier.DigitsNet (clean, "
+                                                "trained on the 1500 training digits)")
+    elif name in sde_lib.TOY_DISTRIBUTIONS:
+        test = build_dataset(config, "test")
+        predicted = exact.component_log_posterior(test.density, x.double().cpu(), 1.0,
+                                                  0.0).argmax(dim=1)
+        truth = exact.component_log_posterior(test.density, test.points.double(), 1.0, 0.0)
+        ceiling = (truth.argmax(dim=1) == test.labels).double().mean().item()
+        what = "the Bayes classifier of the mixture components (exact posterior at t = 0)"
+    else:
+        return {"skipped": {"label_accuracy": f"no held-out classifier of {name}"}}
+    correct = (predicted == labels).double()
+    per_class = {str(k): round(correct[labels == k].mean().item(), 4)
+                 for k in labels.unique().tolist()}
+    return {"label_accuracy": {"accuracy": correct.mean().item(), "per_class": per_class,
+                               "classifier": what, "ceiling_on_test_data": ceiling}}
+
+
 @torch.no_grad()
 def sample(config, workdir, *, method: str | None = None, progress: bool = True,
-           checkpoint: str | None = None) -> dict:
+           checkpoint: str | None = None, classifier: str | None = None) -> dict:
     """Sample the EMA weights of ``workdir`` (or ``checkpoint``) with ``method`` (default
-    config.sampling.method) and its options config.sampling.<method>.
+    config.sampling.method) and its options config.sampling.<method>, with the class labels
+    and guidance of config.sampling (``classifier``: the checkpoint of classifier guidance,
+    see ``classifier_path``).
 
-    Loads the checkpoint, then writes config.json, the samples (``save_samples``) and
-    samples_<method>.json (``draw_samples``' metrics and ``sample_quality``'s), in that
-    order. Seeded by config.seed: the same config gives the same samples on the CPU."""
+    Loads the classifier and the checkpoint (one-line errors, e.g. a classifier of another
+    SDE), then writes config.json, the samples (``save_samples``) and samples_<method>.json
+    (``draw_samples``' metrics, the guidance, ``sample_quality``'s and ``label_accuracy``'s),
+    in that order. Seeded by config.seed: the same config gives the same samples on the CPU."""
     workdir = Path(workdir)
     device = pick_device(config.get("device", "auto"))
     method, _ = compose.sampler_options(config, method)
+    path = classifier_path(config, workdir, classifier)
+    logits_fn = _load_logits_fn(config, path, device)
     run = load_score_fn(config, workdir, device, checkpoint=checkpoint)
+    guidance = compose.guidance_method(config, classifier=logits_fn is not None)
     write_config(config, workdir)       # after a successful load: nothing written on errors
-    x, labels, metrics = draw_samples(config, run, method, device=device, progress=progress)
-    save_samples(config, workdir, method, x, labels, step=run.step)
+    x, labels, metrics = draw_samples(config, run, method, device=device, progress=progress,
+                                      logits_fn=logits_fn)
+    classes = compose.label_classes(config, classifier=logits_fn is not None)
+    save_samples(config, workdir, method, x, labels, step=run.step, num_classes=classes)
+    s = config.sampling
+    metrics["guidance"] = {
+        "method": guidance, "guidance_scale": float(s.get("guidance_scale", 0.0)),
+        "class_label": int(s.get("class_label", -1)), "num_classes": classes,
+        "thresholding": bool(s.get("thresholding", False)),
+        "classifier": None if path is None else str(path)}
+    if metrics["guidance"]["thresholding"]:
+        metrics["guidance"]["thresholding_percentile"] = float(s.thresholding_percentile)
     metrics.update(sample_quality(config, x))
+    for key, value in label_accuracy(config, workdir, x, labels).items():
+        if key == "skipped":
+            metrics.setdefault("skipped", {}).update(value)
+        else:
+            metrics[key] = value
     (workdir / f"samples_{method}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["to_uint8", "make_grid", "scatter_image", "picture", "save_png"]
+__all__ = ["to_uint8", "make_grid", "scatter_image", "picture", "class_rows", "save_png"]
 
 
 def to_uint8(x: torch.Tensor, *, centered: bool) -> torch.Tensor:
@@ -83,6 +83,23 @@ def picture(x: torch.Tensor, *, centered: bool = True, max_images: int = 100,
         return scatter_image(x)
     raise ValueError(f"cannot draw samples of shape {tuple(x.shape)}: expected images "
                      "(B, C, H, W) or points (B, D) with D >= 2")
+
+
+def class_rows(x: torch.Tensor, labels: torch.Tensor, num_classes: int, *, per_class: int = 10,
+               centered: bool = True, min_pixels: int = 32) -> np.ndarray:
+    """Images x (N, C, H, W) in model space with their labels (N,) as one (H', W', 3) uint8
+    picture with one row per class 0..num_classes-1: the first ``per_class`` images of that
+    class in order, a row filled up with blank (white) images when the class has fewer."""
+    images = to_uint8(x, centered=centered)
+    blank = torch.full_like(images[:1], 255)
+    labels = labels.cpu()
+    rows = []
+    for k in range(num_classes):
+        mine = images[labels == k][:per_class]
+        rows.append(torch.cat([mine, blank.expand(per_class - len(mine), -1, -1, -1)]))
+    upscale = max(1, min_pixels // x.shape[-1])
+    return make_grid(torch.cat(rows), nrow=per_class, upscale=upscale,
+                     padding=max(1, upscale // 2))
 
 
 def save_png(grid: np.ndarray, path) -> Path:

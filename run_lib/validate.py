@@ -229,7 +229,11 @@ GROUPS: dict[str, dict[str, Check]] = {
         "weight_decay": real(0.0), "warmup": integer(0),
         "grad_clip": real(0.0, strict=True, allow_inf=True)},
     "sampling": {
-        "method": choice(samplers.SAMPLERS), "num_samples": integer(1), "batch_size": integer(0)},
+        "method": choice(samplers.SAMPLERS), "num_samples": integer(1), "batch_size": integer(0),
+        # class labels and guidance (compose.guided_score_fn; cross-checked in sample mode)
+        "class_label": integer(-1), "guidance": choice(compose.GUIDANCE),
+        "guidance_scale": real(0.0), "thresholding": boolean,
+        "thresholding_percentile": real(0.0, strict=True, maximum=1.0)},
     "eval": {
         "likelihood_samples": integer(0), "batch_size": integer(0),
         "likelihood_eps": real(0.0, strict=True), "trace": choice(TRACE_ESTIMATORS),
@@ -752,11 +756,23 @@ def _check_inpaint(config, sde) -> None:
 
 # ----------------------------------------------------------------------------- the config
 
-def validate_config(config, mode: str = "train", *, sampler: str | None = None) -> None:
+def _check_guidance(config, classifier: bool) -> None:
+    """Sample mode: class_label, guidance and thresholding against the model (and whether a
+    classifier is given: --classifier, or the default one of guidance='classifier')."""
+    given = classifier or config.sampling.get("guidance") == "classifier"
+    try:
+        compose.guidance_method(config, classifier=given)
+    except ValueError as error:
+        raise ConfigError(_message(error)) from None
+
+
+def validate_config(config, mode: str = "train", *, sampler: str | None = None,
+                    classifier: bool = False) -> None:
     """Check ``config`` for ``mode`` (train, sample, likelihood) before any work: every
     key's type and range, unknown and missing keys, the data set, and what every mode builds
     from it (SDE, loss, network on the meta device, score function, likelihood options and
-    the sampler groups through the registry). ``sampler``: the --sampler of sample mode.
+    the sampler groups through the registry). ``sampler``: the --sampler of sample mode;
+    ``classifier``: whether sample mode got --classifier (classifier guidance).
     Raises a ConfigError with a one-line message naming the key and the fix."""
     _check_value("mode", mode, choice(MODES))
     if not hasattr(config, "items"):
@@ -778,6 +794,8 @@ def validate_config(config, mode: str = "train", *, sampler: str | None = None) 
     _check_samplers(config, sde, mode, sampler)
     if mode == "inpaint":
         _check_inpaint(config, sde)
+    if mode == "sample":
+        _check_guidance(config, classifier)
 
 
 # ----------------------------------------------------------------------------- files
