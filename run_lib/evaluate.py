@@ -240,8 +240,8 @@ def classifier_path(config, workdir, classifier: str | None) -> Path | None:
     else None (no classifier guidance). FileNotFoundError (one line) when it is absent."""
     if classifier is None and config.sampling.get("guidance") != "classifier":
         return None
-    path = Path(classifier) if classifier is not None else Path(workdir)
-    if path.is_dir():
+    path = Path(workdir if classifier is None else classifier)
+    if classifier is None or path.is_dir():
         path = path / "classifier" / "checkpoints" / "latest.pt"
     if not path.is_file():
         raise FileNotFoundError(f"no classifier at {path}: run --mode train_classifier with this "
