@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p for p in (ROOT / "configs").glob("*/*.py") if p.name != "__init__.py")
 DIGITS, TOY = "configs/vp/ddpm_digits.py", "configs/toy/vp_mixture.py"
 NCSN = "configs/ve/ncsn_digits.py"
+COND = "configs/vp/ddpm_digits_cond.py"
 
 
 def config_of(path: str = DIGITS) -> ml_collections.ConfigDict:
@@ -204,6 +205,14 @@ BAD_VALUES = [
     ("classifier.eval_sigmas", (0.1, -1.0), "tuple of numbers > 0"),
     ("classifier.eps", 1.0, "in (0, 1.0)"),
     ("classifier.ema_rate", 2.0, "<= 1.0"),
+    # class labels and guidance of sample mode
+    ("sampling.class_label", -2, ">= -1"),
+    ("sampling.class_label", 1.0, "must be an integer"),
+    ("sampling.guidance", "cgf", "must be one of 'none', 'cfg', 'classifier', 'auto'"),
+    ("sampling.guidance_scale", -1.0, ">= 0"),
+    ("sampling.thresholding", 1, "must be True or False"),
+    ("sampling.thresholding_percentile", 0.0, "> 0"),
+    ("sampling.thresholding_percentile", 1.5, "<= 1.0"),
 ]
 
 
@@ -254,6 +263,57 @@ def test_inconsistent_values_name_the_key(key, value, mode, text):
     config = config_of()
     set_value(config, key, value)
     expect_error(config, text, mode=mode)
+
+
+#: (config, sampling keys, classifier given, text): what guided sampling refuses, sample mode.
+GUIDANCE_CASES = [
+    (DIGITS, {"class_label": 3}, False,
+     "config.sampling.class_label=3 is given to an unconditional model: train with "
+     "config.model.num_classes and config.training.p_uncond > 0"),
+    (DIGITS, {"guidance_scale": 2.0}, False,
+     "guidance on an unconditional model needs a classifier or a null label: train with "
+     "config.model.num_classes and config.training.p_uncond > 0 (e.g. configs/vp/"
+     "ddpm_digits_cond.py), or pass --classifier"),
+    (DIGITS, {"guidance": "cfg"}, False, "config.sampling.guidance='cfg' (classifier-free "
+                                         "guidance) needs the null label"),
+    (DIGITS, {"guidance": "none", "guidance_scale": 1.0}, False,
+     "config.sampling.guidance_scale=1 but config.sampling.guidance='none'"),
+    (DIGITS, {"guidance": "cfg"}, True, "--classifier is for classifier guidance"),
+    (COND, {"class_label": 10}, False, "config.sampling.class_label=10 is outside [0, 10)"),
+    (COND, {"class_label": 10}, True, "config.sampling.class_label=10 is outside [0, 10)"),
+    (DIGITS, {"class_label": 10}, True, "config.sampling.class_label=10 is outside [0, 10)"),
+    (TOY, {"thresholding": True}, False, "config.sampling.thresholding=True (dynamic "
+                                         "thresholding) is for data in [-1, 1]"),
+]
+
+
+@pytest.mark.parametrize("path, sampling, classifier, text", GUIDANCE_CASES)
+def test_guided_sampling_refusals(path, sampling, classifier, text):
+    config = config_of(path)
+    config.sampling.update(sampling)
+    validate_config(config, "train")               # the sampling keys matter to sample mode
+    with pytest.raises(ConfigError) as info:
+        validate_config(config, "sample", classifier=classifier)
+    assert "\n" not in str(info.value) and text in str(info.value), str(info.value)
+
+
+def test_guided_sampling_refuses_cfg_without_a_null_label_and_uncentered_thresholding():
+    config = config_of(COND)
+    config.training.p_uncond = 0.0
+    config.sampling.guidance_scale = 2.0
+    expect_error(config, "this class-conditional model was trained with "
+                         "config.training.p_uncond=0 (no null label", mode="sample")
+    validate_config(config, "sample", classifier=True)      # classifier guidance instead
+    config.sampling.update(guidance_scale=0.0, class_label=4)
+    validate_config(config, "sample")                       # the plain conditional model
+    config.sampling.guidance = "cfg"
+    expect_error(config, "a class-conditional model trained with config.training.p_uncond=0",
+                 mode="sample")
+    config = config_of(COND)
+    config.sampling.thresholding = True
+    validate_config(config, "sample")
+    config.data.centered = False
+    expect_error(config, "config.sampling.thresholding=True", "centered=False", mode="sample")
 
 
 def test_cross_checks_of_other_sdes_and_data():
@@ -525,6 +585,9 @@ def _cli_cases(tmp_path) -> list:
         ([*config, "--workdir", tmp_path / "afile"], f"--workdir {tmp_path / 'afile'} is a file"),
         (["--config.training.n_iters=5"], "no --config was given"),
         (sample, "no checkpoint at"),
+        ([*sample, "--config.sampling.guidance_scale=2"], "guidance on an unconditional model"),
+        ([*config, "--classifier", tmp_path / "good.pt"],
+         "--classifier applies to --mode sample, not --mode train"),
         (["--mode", "train_classifier", *config, "--config.classifier.lr=0"],
          "config.classifier.lr must be a finite number > 0"),
         (["--mode", "train_classifier", *config, "--sampler", "pc"],
