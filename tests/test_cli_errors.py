@@ -569,8 +569,11 @@ def _cli_cases(tmp_path) -> list:
     """(arguments, text of the one stderr line) of bad command lines."""
     _bad_checkpoints(tmp_path)
     (tmp_path / "afile").write_text("x")
+    from PIL import Image
+    Image.new("L", (16, 16), 255).save(tmp_path / "mask16.png")
     config = ["--config", DIGITS]
     sample = ["--mode", "sample", *config]
+    inpaint = ["--mode", "inpaint", *config]
     return [
         (["--config", "configs/nope.py"], "config file configs/nope.py not found"),
         ([*config, "--config.training.nonsense=1"],
@@ -592,10 +595,19 @@ def _cli_cases(tmp_path) -> list:
          "config.classifier.lr must be a finite number > 0"),
         (["--mode", "train_classifier", *config, "--sampler", "pc"],
          "--sampler applies to --mode sample, not --mode train_classifier"),
+        ([*inpaint, f"--config.inpaint.mask={tmp_path / 'mask16.png'}"],
+         "mask16.png' is 16x16 pixels but the data's images are 8x8: give a mask PNG of 8x8"),
+        ([*inpaint, "--config.inpaint.mask=top_half"],
+         "config.inpaint.mask='top_half' is not a mask: use one of 'left_half', 'bottom_half'"),
+        ([*inpaint, "--config.inpaint.task=colorize"],
+         "config.inpaint.task='colorize': colorization needs RGB images (B, 3, H, W); the data "
+         "has shape (1, 1, 8, 8); 1-channel data is already gray"),
+        ([*inpaint, "--config.inpaint.method=replacement"],
+         "config.inpaint.method must be one of 'replace', 'smc', 'pigdm', got 'replacement'"),
         (["--config", "configs/ve/ncsn_cifar.py", "--config.data.data_dir", tmp_path / "none"],
          "CIFAR-10 not found: put"),
         ([*config, "--checkpoint", tmp_path / "good.pt"],
-         "--checkpoint applies to --mode sample / likelihood, not --mode train"),
+         "--checkpoint applies to --mode sample / likelihood / inpaint, not --mode train"),
         *[([*sample, "--checkpoint", tmp_path / name], f"{tmp_path / name} {text}")
           for name, text in (("truncated.pt", "cannot be read"), ("text.pt", "cannot be read"),
                              ("evil.pt", "is a pickle that torch.load(weights_only=True) "
