@@ -13,7 +13,8 @@
     python main.py --mode demo       --workdir runs/digits   # train VP + VE, sample, bits/dim, table
 
 train: run_lib.train.train (resuming from <workdir>/checkpoints/latest.pt); sample and
-likelihood: run_lib.evaluate with the EMA weights (bits/dim for images, nats next to the true
+likelihood: run_lib.evaluate with the EMA weights (sample: the class labels and guidance of
+config.sampling, classifier guidance with --classifier; run_lib.compose.guided_score_fn) (bits/dim for images, nats next to the true
 NLL for the toy mixtures); train_classifier: run_lib.classifier.train_classifier (the
 noise-conditional classifier of config.classifier for guidance, under <workdir>/classifier/,
 resuming like train); inpaint: run_lib.inverse.inpaint (config.inpaint's inverse problem:
