@@ -182,6 +182,44 @@ def test_smc_matches_the_gaussian_posterior_64d(sde_name):
     assert fd < 1.5 * floor, (fd, floor)
 
 
+def basis_matrix(op, event_shape) -> torch.Tensor:
+    """U (D, D) of an operator: row i is basis coordinate i of x (flattened basis layout)."""
+    dim = math.prod(event_shape)
+    eye = torch.eye(dim, dtype=F64).reshape(dim, *event_shape)
+    return op.to_basis(eye).reshape(dim, dim).T
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["colorization", "super_resolution"])
+def test_smc_matches_the_gaussian_posterior_of_every_operator(name):
+    """Colorization and 2x super-resolution of 12-D Gaussian images (3, 2, 2) (spread
+    covariance, stds 0.3 ... 1.5): in basis coordinates x~ = U x ~ N(U mu, U Sigma U^T) and the
+    known ones are c^-1 y, so the posterior of the unknown ones is a Gaussian conditional.
+    SMC (32 particles, 300 steps, 500 samples) within 1.5x the floor (measured 1.05x
+    colorization, 1.02x super-resolution); A x = y exactly."""
+    op = Colorization() if name == "colorization" else SuperResolution(2)
+    shape = (3, 2, 2)
+    dist = spread_gaussian(12, std_min=0.3, event_shape=shape)
+    sde = sde_lib.VPSDE()
+    u = basis_matrix(op, shape)
+    x_true = dist.sample(1, generator=gen(20), dtype=F64)
+    y = op.observe(x_true)
+    known = op.known(op.to_basis(x_true)).expand_as(op.to_basis(x_true)).reshape(-1)
+    mean, cov = u @ dist.means[0], u @ dist.covs[0] @ u.T
+    observed = (u @ x_true.reshape(-1))[known]
+    gain = torch.linalg.solve(cov[known][:, known], cov[known][:, ~known]).T
+    post_mean = mean[~known] + gain @ (observed - mean[known])
+    post_cov = cov[~known][:, ~known] - gain @ cov[known][:, ~known]
+    n = 500
+    result = samplers.solve_inverse_problem(dist.score_fn(sde), sde, op, y.expand(n, *y.shape[1:]),
+                                            (n, *shape), method="smc", particles=32,
+                                            num_steps=300, generator=gen(21))
+    assert torch.allclose(op.observe(result.x), y.expand_as(op.observe(result.x)), atol=1e-12)
+    unknown = (result.x.reshape(n, -1) @ u.T)[:, ~known]
+    fd, floor = fd_and_floor(unknown, post_mean, post_cov)
+    assert fd < 1.5 * floor, (fd, floor)
+
+
 # ----- exactness on a Gaussian mixture: posterior mode weights --------------------------------
 def posterior_mode_weights(mixture: GaussianMixture, first: float) -> torch.Tensor:
     """p(mode j | x_0 = first) = w_j N(first; mu_j0, Sigma_j00) normalised."""
