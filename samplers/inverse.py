@@ -201,10 +201,10 @@ def smc_sample(score_fn: Callable, sde: SDE, operator: LinearOperator, y: torch.
         times, points = run.points(timesteps(sde, num_steps, spacing=spacing, eps=eps))
         y = y.to(run.x)
         y0 = operator.embed(y)                                      # (G, basis...)
-        known = operator.known(y0)
+        known = _per_particle(operator.known(y0), groups, k)          # a mask per image too
         group_noise = torch.empty((groups, *shape[1:]), device=run.x.device, dtype=run.x.dtype)
         y_t = y0 * points[0].alpha + operator.to_basis(run.noise(group_noise)) * points[0].std
-        x = _set_known(operator, run.x, y_t.repeat_interleave(k, dim=0))
+        x = _set_known(operator, run.x, y_t.repeat_interleave(k, dim=0), known)
         log_w = run.x.new_zeros(groups, k, dtype=SCHEDULE_DTYPE)
         for i in range(num_steps):
             s, t = points[i + 1], points[i]
@@ -223,12 +223,21 @@ def smc_sample(score_fn: Callable, sde: SDE, operator: LinearOperator, y: torch.
         x0 = run.schedule.denoise(x, points[-1], run.schedule.score(x, times[-1]))
         pick = torch.multinomial(torch.softmax(log_w, dim=1), 1, generator=run.generator)
         x0 = _take(x0, pick)
-        return run.result(_set_known(operator, x0, y0))
+        return run.result(_set_known(operator, x0, y0, operator.known(y0)))
 
 
-def _set_known(operator: LinearOperator, x: torch.Tensor, y_basis: torch.Tensor) -> torch.Tensor:
+def _per_particle(known: torch.Tensor, groups: int, k: int) -> torch.Tensor:
+    """A known-coordinate mask with one row per observation (G, ...) repeated for the K
+    particles of each; a mask shared by all (batch dim 1 or none) as it is."""
+    if known.ndim and known.shape[0] == groups and groups > 1:
+        return known.repeat_interleave(k, dim=0)
+    return known
+
+
+def _set_known(operator: LinearOperator, x: torch.Tensor, y_basis: torch.Tensor,
+               known: torch.Tensor) -> torch.Tensor:
     x_basis = operator.to_basis(x)
-    return operator.from_basis(torch.where(operator.known(x_basis), y_basis, x_basis))
+    return operator.from_basis(torch.where(known, y_basis, x_basis))
 
 
 def _log_kernel(difference: torch.Tensor, known: torch.Tensor, variance: float,

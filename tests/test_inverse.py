@@ -317,3 +317,16 @@ def test_bad_input_errors():
                                        torch.zeros(1, 1, 1, 1), (1, 1, 4, 4))
     with pytest.raises(ValueError, match="non-finite"):
         samplers.inpaint(dist.score_fn(sde), sde, torch.full((3, 4), math.nan), torch.ones(1, 4))
+
+
+def test_smc_takes_one_mask_per_image():
+    """A mask (B, ...) with a different known set per image: each result keeps its own
+    known coordinates exactly."""
+    sde = sde_lib.VPSDE()
+    dist = GaussianMixture.gaussian(torch.zeros(4, dtype=F64), torch.eye(4, dtype=F64) * 0.5 + 0.5)
+    known = torch.randn(3, 4, generator=gen(30), dtype=F64)
+    mask = torch.rand(3, 4, generator=gen(31)) > 0.5
+    result = samplers.inpaint(dist.score_fn(sde), sde, known, mask, method="smc", particles=4,
+                              num_steps=20, generator=gen(32))
+    assert torch.equal(result.x[mask], known[mask])
+    assert not torch.equal(result.x[~mask], known[~mask])
