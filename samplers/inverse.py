@@ -120,14 +120,16 @@ def pigdm_score(score_fn: Callable, sde: SDE, operator: LinearOperator, y: torch
     noise_var = (noise_std / operator.scale) ** 2
 
     def guided_score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        alpha, std = (append_dims(v.to(x.dtype), x.ndim) for v in sde.marginal_coeffs(t))
-        r2 = std ** 2 / (alpha ** 2 + std ** 2)              # sigma^2 / (1 + sigma^2)
+        alpha_t, std_t = (v.to(x.dtype) for v in sde.marginal_coeffs(t))
+        r2 = std_t ** 2 / (alpha_t ** 2 + std_t ** 2)        # sigma^2 / (1 + sigma^2), (B,)
+        alpha, std = append_dims(alpha_t, x.ndim), append_dims(std_t, x.ndim)
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
             score = score_fn(x_in, t)
             x0_basis = operator.to_basis((x_in + std ** 2 * score) / alpha)
             residual = operator.residual(y_basis.to(x.dtype), x0_basis)
-            variance = operator.to_basis(r2.expand_as(x) + noise_var)
+            # isotropic in basis coordinates (which may have more dims than x)
+            variance = append_dims(r2, x0_basis.ndim) + noise_var
             log_likelihood = -0.5 * (residual ** 2 / variance).sum()
             (grad,) = torch.autograd.grad(log_likelihood, x_in)
         return score.detach() + guidance_scale * grad
