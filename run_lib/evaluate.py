@@ -265,7 +265,7 @@ def label_accuracy(config, workdir, x: torch.Tensor, labels) -> dict:
     no such classifier exists, a "skipped" note; {} without labels.
 
     Digits: run_lib.digits_classifier (a clean conv net trained on the training split only,
-    deterministic; cached in <workdir>/digits_classifier.pt); ceiling = its accuracy on the 297
+    deterministic; cached in <config.data.data_dir>/digits_classifier.pt); ceiling = its accuracy on the 297
     test digits. Toy mixtures: the Bayes classifier of the components (the exact posterior
     at t = 0); ceiling = its accuracy on the test points."""
     if labels is None:
@@ -273,11 +273,11 @@ def label_accuracy(config, workdir, x: torch.Tensor, labels) -> dict:
     labels = labels.cpu()
     name = str(config.data.name)
     if name == "digits":
-        from .digits_classifier import digits_classifier
-        net, info = digits_classifier(Path(workdir) / "digits_classifier.pt")
+        from .digits_classifier import digits_classifier, digits_classifier_path
+        net, info = digits_classifier(digits_classifier_path(config))
         with torch.no_grad():
             predicted = net(x.detach().float().cpu().clamp(-1, 1)).argmax(dim=1)
-        ceiling, what = info["test_accuracy"], ("run_lib.digits_classifier.DigitsNet (clean, "
+        ceiling, what = info["test_accuracy"], ("run_lib.digits_classifier.DigitsNet v2 (clean, "
                                                 "trained on the 1500 training digits)")
     elif name in sde_lib.TOY_DISTRIBUTIONS:
         test = build_dataset(config, "test")

@@ -343,10 +343,10 @@ def _completed_mse(x: torch.Tensor, x0: torch.Tensor, mask) -> float:
     return ((squared * unknown).sum() / unknown.sum().clamp(min=1)).item()
 
 
-def _digits_accuracies(workdir: Path, completions, originals, floor_fills, labels) -> dict:
-    from .digits_classifier import accuracy, digits_classifier
-    net, info = digits_classifier(workdir / "digits_classifier.pt")
-    return {"classifier": {"name": "run_lib.digits_classifier.DigitsNet (clean, trained on the "
+def _digits_accuracies(config, completions, originals, floor_fills, labels) -> dict:
+    from .digits_classifier import accuracy, digits_classifier, digits_classifier_path
+    net, info = digits_classifier(digits_classifier_path(config))
+    return {"classifier": {"name": "run_lib.digits_classifier.DigitsNet v2 (clean, trained on the "
                                    "1500 training digits)", **info},
             "accuracy_completions": accuracy(net, completions, labels),
             "accuracy_originals": accuracy(net, originals, labels),
@@ -449,7 +449,7 @@ def inpaint(config, workdir, *, progress: bool = True, checkpoint: str | None = 
         metrics["mse_completed"] = _completed_mse(x, x0, mask)
         metrics.update({f"mse_{k}": _completed_mse(v, x0, mask) for k, v in floor_fills.items()})
         if config.data.name == "digits":
-            metrics.update(_digits_accuracies(folder, x, x0, floor_fills, labels))
+            metrics.update(_digits_accuracies(config, x, x0, floor_fills, labels))
     np.savez_compressed(folder / f"{name}.npz", **arrays)
     picture = render_rows(columns)
     save_png(picture, folder / f"{name}.png")

@@ -150,8 +150,9 @@ def test_main_sample_with_class_label_and_cfg_writes_labelled_outputs(tmp_path):
 def test_sample_on_digits_draws_one_row_per_class_and_reports_the_accuracy(tmp_path):
     """A 2-step conditional digits run sampled with balanced labels (class_label = -1): the
     PNG has one row of 10 images per class, the npz the labels 0..9 in turn, the json the
-    held-out digits classifier's accuracy (cached in the work directory)."""
+    held-out digits classifier's accuracy (cached in the data directory)."""
     config = config_of(DIGITS_COND, num_samples=20)
+    config.data.data_dir = str(tmp_path / "data")
     config.model.update(nf=16, ch_mult=(1, 2), dropout=0.0)
     config.training.update(n_iters=2, batch_size=16, eval_freq=0, sample_freq=0,
                            snapshot_freq=2, snapshot_freq_for_preemption=2, log_freq=1)
@@ -170,7 +171,7 @@ def test_sample_on_digits_draws_one_row_per_class_and_reports_the_accuracy(tmp_p
     accuracy = result["label_accuracy"]
     assert set(accuracy["per_class"]) == {str(k) for k in range(10)}
     assert 0.9 < accuracy["ceiling_on_test_data"] < 1.0
-    assert (tmp_path / "digits_classifier.pt").exists()
+    assert (tmp_path / "data" / "digits_classifier.pt").exists()
     assert result["guidance"]["method"] == "cfg" and result["guidance"]["guidance_scale"] == 0
 
 

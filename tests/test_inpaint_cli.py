@@ -95,8 +95,9 @@ def trained(tmp_path_factory):
     """A 4-step digits run with a cached (one-epoch) digits classifier."""
     workdir = tmp_path_factory.mktemp("digits_inpaint")
     config = tiny_config()
+    config.data.data_dir = str(workdir / "data")
     train(config, workdir, progress=False)
-    digits_classifier(workdir / "inpaint" / "digits_classifier.pt", epochs=1)
+    digits_classifier(workdir / "data" / "digits_classifier.pt", epochs=1)
     return config, workdir
 
 
@@ -126,7 +127,8 @@ def test_main_inpaint_mode_writes_png_npz_json_and_keeps_known_pixels(trained):
     config, workdir = trained
     args = ["--mode", "inpaint", "--config", "configs/vp/ddpm_digits.py", "--workdir", workdir,
             "--config.device=cpu", "--config.model.nf=8", "--config.model.dropout=0.0",
-            "--config.sde.num_scales=25", "--config.inpaint.num_images=5"]
+            "--config.sde.num_scales=25", "--config.inpaint.num_images=5",
+            f"--config.data.data_dir={workdir / 'data'}"]
     done = subprocess.run([sys.executable, "main.py", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
