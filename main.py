@@ -9,6 +9,8 @@
     python main.py --mode likelihood --config configs/vp/ddpm_digits.py --workdir runs/digits_vp
     python main.py --mode train_classifier --config configs/vp/ddpm_digits.py --workdir runs/digits_vp
     python main.py --mode inpaint    --config configs/vp/ddpm_digits.py --workdir runs/digits_vp
+    python main.py --mode eval       --config configs/vp/ddpm_digits.py --workdir runs/digits_vp --sampler dpm_solver
+    python main.py --mode ref_stats  --config configs/ve/ncsnpp_cifar.py --workdir runs/ncsnpp --config.eval.inception_path=inception-2015-12-05.pt
     python main.py --mode compare    --workdir runs/digits_vp,runs/digits_ve
     python main.py --mode demo       --workdir runs/digits   # train VP + VE, sample, bits/dim, table
 
@@ -19,7 +21,8 @@ NLL for the toy mixtures); train_classifier: run_lib.classifier.train_classifier
 noise-conditional classifier of config.classifier for guidance, under <workdir>/classifier/,
 resuming like train); inpaint: run_lib.inverse.inpaint (config.inpaint's inverse problem:
 inpainting, colorization or super-resolution of test images, written to <workdir>/inpaint/);
-compare: one table of several work directories (comma-separated
+eval and ref_stats: run_lib.quality (FID / KID / IS / precision-recall of config.eval.num_samples
+samples in resumable chunks, sharded by seed under torchrun; reference statistics); compare: one table of several work directories (comma-separated
 --workdir; no --config needed). Any config value can be overridden, e.g.
 --config.training.n_iters=500.
 
@@ -47,7 +50,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                 lock_config=True)
 flags.DEFINE_enum("mode", "train", ["train", "sample", "likelihood", "compare", "demo",
-                                    "train_classifier", "inpaint"],
+                                    "train_classifier", "inpaint", "eval", "ref_stats"],
                   "train: fit the score model; sample: draw samples with --sampler; "
                   "likelihood: log-likelihood (bits/dim for images) of held-out data through the "
                   "probability-flow ODE; compare: one table of the results of several "
@@ -56,7 +59,11 @@ flags.DEFINE_enum("mode", "train", ["train", "sample", "likelihood", "compare", 
                   "train_classifier: fit the noise-conditional classifier of config.classifier "
                   "on data perturbed by config.sde, for classifier guidance (written to "
                   "<workdir>/classifier/); inpaint: fill, colorize or super-resolve test "
-                  "images with the trained run (config.inpaint; written to <workdir>/inpaint/).")
+                  "images with the trained run (config.inpaint; written to <workdir>/inpaint/); "
+                  "eval: draw config.eval.num_samples samples with --sampler and the EMA "
+                  "weights in resumable chunks (sharded under torchrun), then FID / KID / IS / "
+                  "precision-recall against reference statistics (eval.json); ref_stats: make "
+                  "those reference statistics (the training split, or --samples).")
 flags.DEFINE_integer("demo_steps", 1500, "Training steps of each --mode demo model.")
 flags.DEFINE_string("workdir", None, "Work directory for config, logs, weights and results "
                     "(--mode compare: a comma-separated list).")
@@ -70,13 +77,17 @@ flags.DEFINE_string("classifier", None, "--mode sample: classifier guidance with
                     "classifier/checkpoints/latest.pt); default: none, or with "
                     "config.sampling.guidance='classifier' <workdir>/classifier/checkpoints/"
                     "latest.pt.")
+flags.DEFINE_string("samples", None, "--mode eval: measure this .npz of uint8 images "
+                    "('images' N,C,H,W or 'arr_0' N,H,W,C) instead of sampling; --mode ref_stats: "
+                    "make the reference statistics of this .npz instead of the training split.")
 flags.mark_flags_as_required(["workdir"])
 
 #: The modes that use each optional flag; given to another mode it is an error.
-FLAG_MODES = {"config": ("train", "sample", "likelihood", "train_classifier", "inpaint"),
-              "sampler": ("sample",),
-              "checkpoint": ("sample", "likelihood", "inpaint"), "demo_steps": ("demo",),
-              "classifier": ("sample",)}
+FLAG_MODES = {"config": ("train", "sample", "likelihood", "train_classifier", "inpaint", "eval",
+                         "ref_stats"),
+              "sampler": ("sample", "eval"),
+              "checkpoint": ("sample", "likelihood", "inpaint", "eval"), "demo_steps": ("demo",),
+              "classifier": ("sample", "eval"), "samples": ("eval", "ref_stats")}
 
 
 # ----------------------------------------------------------------------------- flags
@@ -224,6 +235,21 @@ def run_inpaint() -> dict:
     return inpaint(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint)
 
 
+def run_eval() -> dict | None:
+    """Sample quality of the run (or of --samples); under torchrun only rank 0 reports."""
+    config = _checked_config("eval")
+    from run_lib.quality import evaluate
+    return evaluate(config, FLAGS.workdir, method=FLAGS.sampler, samples=FLAGS.samples,
+                    checkpoint=FLAGS.checkpoint, classifier=FLAGS.classifier)
+
+
+def run_ref_stats() -> dict:
+    """Reference statistics of the training split (or of --samples) for --mode eval."""
+    config = _checked_config("ref_stats")
+    from run_lib.quality import ref_stats
+    return ref_stats(config, FLAGS.workdir, samples=FLAGS.samples)
+
+
 def run_compare() -> str:
     _check_flags("compare")
     from run_lib.evaluate import compare_workdirs
@@ -250,7 +276,7 @@ def run_demo() -> str:
 
 MODES = {"train": run_train, "sample": run_sample, "likelihood": run_likelihood,
          "compare": run_compare, "demo": run_demo, "train_classifier": run_train_classifier,
-         "inpaint": run_inpaint}
+         "inpaint": run_inpaint, "eval": run_eval, "ref_stats": run_ref_stats}
 
 
 def main(argv):
@@ -264,9 +290,10 @@ def main(argv):
 
 
 #: Errors that mean bad input (a config value or key, a config file, a flag, a missing or
-#: unreadable file or checkpoint, absent data, a non-finite loss): reported in one line.
+#: unreadable file or checkpoint, absent data, a non-finite loss, an optional dependency that
+#: cannot be imported): reported in one line.
 #: Set SCOREDIFF_TRACEBACK=1 to see the traceback.
-USER_ERRORS = (ValueError, OSError, FloatingPointError, pickle.UnpicklingError)
+USER_ERRORS = (ValueError, OSError, FloatingPointError, pickle.UnpicklingError, ImportError)
 
 
 def one_line(error: BaseException) -> str:

@@ -35,17 +35,30 @@ def optim_group(*, warmup: int) -> ml_collections.ConfigDict:
         lr=2e-3, beta1=0.9, eps=1e-8, weight_decay=0.0, warmup=warmup, grad_clip=1.0))
 
 
-def eval_group(*, likelihood_samples: int, batch_size: int, trace: str) -> ml_collections.ConfigDict:
+def eval_group(*, likelihood_samples: int, batch_size: int, trace: str,
+               num_samples: int = 50_000, sample_batch: int = 500) -> ml_collections.ConfigDict:
     """The ODE likelihood's options (run_lib.evaluate.likelihood, samplers.likelihood):
     ``likelihood_samples`` test points (0: the whole split), ``batch_size`` points per ODE solve
     (0: all at once), the divergence ``trace`` ('hutchinson' with ``probes`` Rademacher /
     Gaussian probes, as the Score SDE code, or 'exact'), the start time ``likelihood_eps`` (Score
     SDE: 1e-5), the solver and its tolerances; ``num_steps`` is for fixed-grid methods (None:
-    the solver's default)."""
+    the solver's default).
+
+    Sample quality (--mode eval / ref_stats, run_lib.quality): ``num_samples`` samples (the
+    papers: 50k) drawn in seeded chunks of ``sample_batch`` with the EMA weights (use_ema),
+    features of ``features`` ('auto': digits classifier for the digits, else 'inception', the
+    TF Inception-v3 file ``inception_path``) in batches of feature_batch, against
+    ``ref_stats`` (empty: <data_dir>/ref_stats/<data>-<ref_split>-...npz) that keep the first
+    ref_features features; KID over kid_subsets subsets of kid_subset_size, IS over
+    is_splits splits, precision / recall with pr_k neighbours on the first pr_samples."""
     return ml_collections.ConfigDict(dict(
         likelihood_samples=likelihood_samples, batch_size=batch_size, likelihood_eps=1e-5,
         trace=trace, probes=1, ode_method="dopri5", rtol=1e-5, atol=1e-5,
-        num_steps=ml_collections.config_dict.placeholder(int)))
+        num_steps=ml_collections.config_dict.placeholder(int),
+        num_samples=num_samples, sample_batch=sample_batch, use_ema=True, features="auto",
+        inception_path="", ref_stats="", ref_split="train", ref_features=50_000,
+        feature_batch=250, kid_subsets=100, kid_subset_size=1000, is_splits=10, pr_k=3,
+        pr_samples=10_000))
 
 
 def sampling_group(*, num_samples: int) -> ml_collections.ConfigDict:

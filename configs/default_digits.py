@@ -50,7 +50,8 @@ def get_default_configs():
     config.sampling = sampling_group(num_samples=100)
     config.sampling.batch_size = 0      # images per sampler call (0: all at once)
     # likelihood_samples 0: all 297 test digits; trace "exact" is affordable at D = 64
-    config.eval = eval_group(likelihood_samples=0, batch_size=0, trace="hutchinson")
+    config.eval = eval_group(likelihood_samples=0, batch_size=0, trace="hutchinson",
+                             num_samples=2000, sample_batch=500)     # --mode eval: 2000 samples
     # noise-conditional classifier for guidance (--mode train_classifier): a small conv net
     config.classifier = classifier_group(
         name="conv", num_classes=10, nf=32, ch_mult=(1, 2, 2), embedding_dim=64,

@@ -518,29 +518,50 @@ def _sampler_cell(result: dict | None) -> str:
     return f"{result['nfe']} / {quality:.4f}" if quality is not None else f"{result['nfe']} / -"
 
 
+def _eval_cell(result: dict | None) -> str:
+    """'FID / IS (N, NFE)' of an eval_<method>.json of --mode eval ('-' without one)."""
+    if result is None:
+        return "-"
+    score = f"{result['is']:.2f}" if "is" in result else "-"
+    protocol = result.get("protocol", {})
+    return (f"{result['fid']:.3f} / {score} (N {protocol.get('num_samples', '?')}, "
+            f"NFE {protocol.get('nfe', '?')})")
+
+
+def _results_by_method(workdir: Path, prefix: str) -> dict:
+    """{method: JSON} of <workdir>/<prefix><method>.json (eval_npz_* files left out)."""
+    return {p.stem[len(prefix):]: _read_json(p) for p in sorted(workdir.glob(f"{prefix}*.json"))
+            if not p.stem.startswith("eval_npz_")}
+
+
 def compare_workdirs(workdirs) -> str:
     """One markdown table of runs side by side: SDE, model, training steps, the likelihood
-    of likelihood.json (bits/dim +- standard error, or NLL in nats), its NFE and baseline
-    and, per sampler with a samples_<method>.json, its NFE and pixel FD (images) or mode-weight
+    of likelihood.json (bits/dim +- standard error, or NLL in nats), its NFE and baseline,
+    per sampler evaluated by --mode eval (eval_<method>.json) its FID / IS with N and NFE,
+    and per sampler with a samples_<method>.json its NFE and pixel FD (images) or mode-weight
     TV (mixtures). Work directories without results show '-'."""
-    rows, samplers_seen = [], []
+    rows, samplers_seen, evaluated = [], [], []
     for workdir in map(Path, workdirs):
         config = _read_json(workdir / "config.json")
         if config is None:
             raise FileNotFoundError(f"{workdir} has no config.json: not a work directory of "
                                     "main.py (train, sample or compute a likelihood there first)")
-        sampled = {p.stem[len("samples_"):]: _read_json(p)
-                   for p in sorted(workdir.glob("samples_*.json"))}
+        sampled = _results_by_method(workdir, "samples_")
+        quality = _results_by_method(workdir, "eval_")
         samplers_seen += [m for m in sampled if m not in samplers_seen]
-        rows.append((workdir, config, _read_json(workdir / "likelihood.json") or {}, sampled))
+        evaluated += [m for m in quality if m not in evaluated]
+        rows.append((workdir, config, _read_json(workdir / "likelihood.json") or {}, sampled,
+                     quality))
     header = ["run", "SDE", "model", "steps", "bits/dim (or NLL)", "NFE (ODE)",
               "baseline: Gaussian fit bits/dim (or true NLL)"]
+    header += [f"{m}: FID / IS (N, NFE)" for m in evaluated]
     header += [f"{m}: NFE / pixel FD (or mode TV)" for m in samplers_seen]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for workdir, config, like, sampled in rows:
+    for workdir, config, like, sampled, quality in rows:
         cells = [workdir.name, str(config.get("sde", {}).get("name", "-")),
                  str(config.get("model", {}).get("name", "-")),
                  str(like.get("step", "-")), *_likelihood_cells(like)]
+        cells += [_eval_cell(quality.get(method)) for method in evaluated]
         cells += [_sampler_cell(sampled.get(method)) for method in samplers_seen]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

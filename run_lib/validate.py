@@ -51,7 +51,7 @@ __all__ = ["ConfigError", "validate_config", "load_config_file", "check_override
            "check_workdir", "check_checkpoint_file", "OLD_KEYS", "GROUPS", "MODES"]
 
 #: The modes validate_config knows (main.py's compare and demo modes read no config file).
-MODES = ("train", "sample", "likelihood", "train_classifier", "inpaint")
+MODES = ("train", "sample", "likelihood", "train_classifier", "inpaint", "eval", "ref_stats")
 
 
 class ConfigError(ValueError):
@@ -93,6 +93,13 @@ def boolean(name: str, value) -> None:
 def text(name: str, value) -> None:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+
+
+def path_or_empty(name: str, value) -> None:
+    """A string: a file path, or '' for the default."""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string (a file path, or '' for the default), got "
+                         f"{value!r}")
 
 
 def _did_you_mean(value, valid) -> str:
@@ -239,7 +246,13 @@ GROUPS: dict[str, dict[str, Check]] = {
         "likelihood_eps": real(0.0, strict=True), "trace": choice(TRACE_ESTIMATORS),
         "probes": integer(1), "ode_method": choice(ODE_METHODS), "rtol": real(0.0, strict=True),
         "atol": real(0.0, strict=True), "num_steps": optional(integer(1)),
-        "score_error_samples": integer(1), "score_error_eps": real(0.0, strict=True)},
+        "score_error_samples": integer(1), "score_error_eps": real(0.0, strict=True),
+        # sample quality (--mode eval / ref_stats; run_lib.quality)
+        "num_samples": integer(2), "sample_batch": integer(1), "use_ema": boolean,
+        "features": choice(("auto", "inception", "digits")), "inception_path": path_or_empty,
+        "ref_stats": path_or_empty, "ref_split": choice(("train", "test")), "ref_features": integer(0),
+        "feature_batch": integer(1), "kid_subsets": integer(1), "kid_subset_size": integer(2),
+        "is_splits": integer(1), "pr_k": integer(1), "pr_samples": integer(2)},
     # the noise-conditional classifier (--mode train_classifier; run_lib.classifier): the
     # network (models.CLASSIFIERS, its keys compose.CLASSIFIER_KEYS) and its training
     "classifier": {
@@ -323,7 +336,6 @@ OLD_KEYS = {
     "sampling.edm_spacing": "sampling.edm.spacing",
     **{f"sampling.{key}": f"sampling.edm.{key}"
        for key in ("rho", "s_churn", "s_tmin", "s_tmax", "s_noise")},
-    "eval.num_samples": "eval.score_error_samples (the likelihood's: eval.likelihood_samples)",
     "eval.eps": "eval.score_error_eps (the likelihood's: eval.likelihood_eps)",
 }
 
@@ -701,13 +713,37 @@ def _check_samplers(config, sde, mode: str, sampler: str | None) -> None:
             _sampler_options(config, reference, name)
     method = config.sampling.method
     _sampler_options(config, sde, method, f"config.sampling.method={method!r}")
-    if mode == "sample" and sampler:
+    if mode in ("sample", "eval") and sampler:
         _check_value("--sampler", sampler, choice(samplers.SAMPLERS))
         _sampler_options(config, sde, sampler, f"--sampler {sampler}")
     training = config.training
     if mode == "train" and int(training.sample_freq) > 0:
         grid = training.grid_sampler
         _sampler_options(config, sde, grid, f"config.training.grid_sampler={grid!r}")
+
+
+# ----------------------------------------------------------------------------- eval
+
+#: Modes that need image data.
+IMAGE_MODES = ("inpaint", "eval", "ref_stats")
+
+
+def _check_quality(config, mode: str) -> None:
+    """--mode eval / ref_stats: the eval group's sample-quality keys (present, and the digits
+    feature space only for 8x8 digits)."""
+    ev = config.eval
+    needed = ("num_samples", "sample_batch", "use_ema", "features", "inception_path",
+              "ref_stats", "ref_split", "kid_subsets", "kid_subset_size", "is_splits", "pr_k",
+              "pr_samples")
+    missing = [key for key in needed if key not in ev]
+    if missing:
+        raise ConfigError(f"config.eval.{missing[0]} is missing: --mode {mode} needs it (see "
+                          "configs/common.py eval_group for every key and its default)")
+    shape = tuple(compose.data_shape(config))
+    if ev.features == "digits" and shape != (1, 8, 8):
+        raise ConfigError(f"config.eval.features='digits' measures 8x8 digits, but the data "
+                          f"are {shape}: use --config.eval.features=inception")
+    # the Inception file is checked when it is loaded, before any sampling (one line, URL)
 
 
 # ----------------------------------------------------------------------------- inpaint
@@ -778,10 +814,12 @@ def validate_config(config, mode: str = "train", *, sampler: str | None = None,
     if not hasattr(config, "items"):
         raise ConfigError(f"the config must be an ml_collections.ConfigDict, got "
                           f"{type(config).__name__}")
-    if mode == "inpaint" and "data" in config and _data_kind(config) == "toy":
-        raise ConfigError(f"--mode inpaint needs image data; config.data.name="
+    if mode in IMAGE_MODES and "data" in config and _data_kind(config) == "toy":
+        raise ConfigError(f"--mode {mode} needs image data; config.data.name="
                           f"{config.data.name!r} is a distribution of points: use an image "
-                          "config, e.g. configs/vp/ddpm_digits.py")
+                          "config, e.g. configs/vp/ddpm_digits.py"
+                          + (" (--mode sample reports a mixture's exact sample metrics)"
+                             if mode == "eval" else ""))
     _check_groups(config, mode)
     _check_data(config)
     sde = _build_sde(config)
@@ -794,8 +832,10 @@ def validate_config(config, mode: str = "train", *, sampler: str | None = None,
     _check_samplers(config, sde, mode, sampler)
     if mode == "inpaint":
         _check_inpaint(config, sde)
-    if mode == "sample":
+    if mode in ("sample", "eval"):
         _check_guidance(config, classifier)
+    if mode in ("eval", "ref_stats"):
+        _check_quality(config, mode)
 
 
 # ----------------------------------------------------------------------------- files
