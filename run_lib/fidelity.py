@@ -285,13 +285,19 @@ def _seeded(seed: int):
         yield
 
 
+#: The metric objects compute on this process's features only (the features of every rank
+#: are already gathered from the chunk files; torchmetrics would otherwise all-gather).
+_LOCAL = {"sync_on_compute": False}
+
+
 def frechet_distance(fake_mean, fake_cov, fake_count: int, ref: ReferenceStats) -> float:
     """FID (Heusel et al. 2017): |mu_r - mu_f|^2 + tr(S_r + S_f - 2 (S_r S_f)^{1/2}), computed
     by torchmetrics' FrechetInceptionDistance from float64 sums; the fake statistics are
     mean (D,), unbiased covariance (D, D) of ``fake_count`` samples."""
     image = import_torchmetrics()
     with _quiet():
-        metric = image.FrechetInceptionDistance(feature=_GivenFeatures(ref.mean.numel()))
+        metric = image.FrechetInceptionDistance(feature=_GivenFeatures(ref.mean.numel()),
+                                                **_LOCAL)
     for prefix, mean, cov, count in (("real", ref.mean, ref.covariance, ref.num_images),
                                      ("fake", fake_mean, fake_cov, fake_count)):
         mean, cov = mean.double().cpu(), cov.double().cpu()
@@ -318,7 +324,7 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, *, subsets: int = 10
                          f"and {len(fake)} generated")
     with _quiet(), _seeded(seed):
         metric = image.KernelInceptionDistance(feature=_GivenFeatures(real.shape[1]),
-                                               subsets=int(subsets), subset_size=size)
+                                               subsets=int(subsets), subset_size=size, **_LOCAL)
         metric.update(real.double().cpu(), real=True)
         metric.update(fake.double().cpu(), real=False)
         mean, std = metric.compute()
@@ -334,7 +340,8 @@ def inception_score(logits: torch.Tensor, *, splits: int = 10, seed: int = 0) ->
     image = import_torchmetrics()
     splits = int(max(1, min(splits, len(logits))))
     with _quiet(), _seeded(seed):
-        metric = image.InceptionScore(feature=_GivenFeatures(logits.shape[1]), splits=splits)
+        metric = image.InceptionScore(feature=_GivenFeatures(logits.shape[1]), splits=splits,
+                                      **_LOCAL)
         metric.update(logits.double().cpu())
         mean, std = metric.compute()
     std = float(std) if splits > 1 else 0.0
