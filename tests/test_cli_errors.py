@@ -66,8 +66,8 @@ def expect_error(config, *fragments, mode="train", sampler=None) -> str:
 @pytest.mark.parametrize("mode", validate.MODES)
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_config_file_passes_for_every_mode(path, mode):
-    if mode == "inpaint" and path.parent.name == "toy":      # points, not images
-        expect_error(load_config_file(str(path)), "--mode inpaint needs image data", mode=mode)
+    if mode in validate.IMAGE_MODES and path.parent.name == "toy":      # points, not images
+        expect_error(load_config_file(str(path)), f"--mode {mode} needs image data", mode=mode)
         return
     validate_config(load_config_file(str(path)), mode)
 
@@ -590,7 +590,7 @@ def _cli_cases(tmp_path) -> list:
         (sample, "no checkpoint at"),
         ([*sample, "--config.sampling.guidance_scale=2"], "guidance on an unconditional model"),
         ([*config, "--classifier", tmp_path / "good.pt"],
-         "--classifier applies to --mode sample, not --mode train"),
+         "--classifier applies to --mode sample / eval, not --mode train"),
         (["--mode", "train_classifier", *config, "--config.classifier.lr=0"],
          "config.classifier.lr must be a finite number > 0"),
         (["--mode", "train_classifier", *config, "--sampler", "pc"],
