@@ -594,7 +594,7 @@ def _cli_cases(tmp_path) -> list:
         (["--mode", "train_classifier", *config, "--config.classifier.lr=0"],
          "config.classifier.lr must be a finite number > 0"),
         (["--mode", "train_classifier", *config, "--sampler", "pc"],
-         "--sampler applies to --mode sample, not --mode train_classifier"),
+         "--sampler applies to --mode sample / eval, not --mode train_classifier"),
         ([*inpaint, f"--config.inpaint.mask={tmp_path / 'mask16.png'}"],
          "mask16.png' is 16x16 pixels but the data's images are 8x8: give a mask PNG of 8x8"),
         ([*inpaint, "--config.inpaint.mask=top_half"],
@@ -607,7 +607,7 @@ def _cli_cases(tmp_path) -> list:
         (["--config", "configs/ve/ncsn_cifar.py", "--config.data.data_dir", tmp_path / "none"],
          "CIFAR-10 not found: put"),
         ([*config, "--checkpoint", tmp_path / "good.pt"],
-         "--checkpoint applies to --mode sample / likelihood / inpaint, not --mode train"),
+         "--checkpoint applies to --mode sample / likelihood / inpaint / eval, not --mode train"),
         *[([*sample, "--checkpoint", tmp_path / name], f"{tmp_path / name} {text}")
           for name, text in (("truncated.pt", "cannot be read"), ("text.pt", "cannot be read"),
                              ("evil.pt", "is a pickle that torch.load(weights_only=True) "
