@@ -161,7 +161,7 @@ class FeatureAccumulator:
         if room > 0:
             self.kept.append(f[:room].float())
         if logits is not None:
-            self.logits.append(logits.detach().to("cpu", torch.float64))
+            self.logits.append(logits.detach().to("cpu", torch.float32))   # 50k x 1008: 200 MB
 
     def mean(self) -> torch.Tensor:
         return self.total / self.count
@@ -174,7 +174,8 @@ class FeatureAccumulator:
         return torch.cat(self.kept) if self.kept else torch.zeros(0, len(self.total))
 
     def all_logits(self) -> torch.Tensor | None:
-        return torch.cat(self.logits) if self.logits else None
+        """Every logit row (N, K), float64, or None."""
+        return torch.cat(self.logits).double() if self.logits else None
 
 
 # ----------------------------------------------------------------------------- references

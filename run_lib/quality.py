@@ -295,8 +295,9 @@ def _draw_missing_chunks(config, run, method, ctx, device, folder, extractor, ke
 
 
 def _gather_chunks(folder: Path, n: int, chunk: int, key: dict, extractor, keep: int):
-    """(accumulator of every chunk's features and logits, per-chunk metadata list)."""
-    acc, metas = FeatureAccumulator(extractor.num_features, keep), []
+    """(accumulator of every chunk's features and logits, per-chunk metadata list, the
+    fraction of labelled samples whose logits' argmax is their label, or None)."""
+    acc, metas, hits = FeatureAccumulator(extractor.num_features, keep), [], []
     for path in _chunk_paths(folder, n, chunk):
         data = _read_chunk(path, key)
         if data is None:
@@ -305,7 +306,10 @@ def _gather_chunks(folder: Path, n: int, chunk: int, key: dict, extractor, keep:
         logits = torch.from_numpy(data["logits"]) if "logits" in data else None
         acc.update(torch.from_numpy(data["features"]), logits)
         metas.append({k: data[k] for k in ("nfe", "sample_seconds", "extract_seconds", "seed")})
-    return acc, metas
+        if logits is not None and "labels" in data:
+            hits.append(logits.argmax(dim=1) == torch.from_numpy(data["labels"]))
+    accuracy = torch.cat(hits).double().mean().item() if hits else None
+    return acc, metas, accuracy
 
 
 # ----------------------------------------------------------------------------- eval mode
@@ -419,9 +423,12 @@ def evaluate(config, workdir, *, method: str | None = None, samples: str | None 
     ctx.barrier()
     if not ctx.is_main:
         return None
-    acc, metas = _gather_chunks(folder, n, int(config.eval.sample_batch), key, extractor,
-                                int(config.eval.get("ref_features", 50_000)))
+    acc, metas, accuracy = _gather_chunks(folder, n, int(config.eval.sample_batch), key,
+                                          extractor, int(config.eval.get("ref_features", 50_000)))
     result = quality_metrics(acc, ref, **_metric_options(config))
+    if accuracy is not None and _feature_kind(config) == "digits":
+        # the digits classifier's predictions against the requested labels (guidance)
+        result["class_accuracy"] = round(accuracy, 6)
     sample_seconds = sum(m["sample_seconds"] for m in metas)
     extract_seconds = sum(m["extract_seconds"] for m in metas)
     result["protocol"] = {

@@ -227,3 +227,50 @@ def test_compare_shows_fid_and_is_next_to_bits_per_dim(trained):
 def test_chunk_seeds_do_not_depend_on_the_world_size():
     assert quality.chunk_seed(0, 3) == quality.chunk_seed(0, 3) != quality.chunk_seed(1, 3)
     assert len({quality.chunk_seed(s, k) for s in range(3) for k in range(100)}) == 300
+
+
+def test_reference_of_an_image_folder_equals_that_of_the_same_images_in_an_npz(trained, tmp_path):
+    """--mode ref_stats of config.data.name='folder' (PNG files) and of --samples (the same
+    uint8 images in an .npz): the same statistics."""
+    from PIL import Image
+    from run_lib.datasets import load_digits_images
+    config, root = trained
+    images, _ = load_digits_images("test")
+    folder = tmp_path / "pngs" / "train"
+    folder.mkdir(parents=True)
+    for k, image in enumerate(images[:40]):
+        Image.fromarray(image[0]).save(folder / f"{k:03d}.png")
+    np.savez(tmp_path / "same.npz", images=images[:40])
+    config = config.copy_and_resolve_references()
+    config.eval.features = "digits"
+    from_folder = config.copy_and_resolve_references()
+    from_folder.data.update(name="folder", data_dir=str(tmp_path / "pngs"))
+    from_folder.eval.ref_stats = str(tmp_path / "folder_ref.npz")
+    # the folder config keeps the digits classifier cache of the run's data directory
+    (tmp_path / "pngs" / "digits_classifier.pt").write_bytes(
+        (root / "data" / "digits_classifier.pt").read_bytes())
+    a = quality.ref_stats(from_folder, tmp_path / "w1", progress=False)
+    config.eval.ref_stats = str(tmp_path / "npz_ref.npz")
+    b = quality.ref_stats(config, tmp_path / "w2", samples=str(tmp_path / "same.npz"),
+                          progress=False)
+    assert a["num_images"] == b["num_images"] == 40 and a["source"] == "folder:train"
+    first, second = ReferenceStats.load(a["file"]), ReferenceStats.load(b["file"])
+    assert torch.equal(first.mean, second.mean) and torch.equal(first.covariance, second.covariance)
+
+
+def test_class_conditional_eval_reports_the_classifier_accuracy_of_the_labels(trained, tmp_path):
+    from configs.vp.ddpm_digits_cond import get_config as cond_config
+    _, root = trained
+    config = cond_config()
+    base = tiny_config(root / "data")
+    for group in ("training", "eval"):
+        config[group].update(base[group].to_dict())
+    config.device, config.data.data_dir = "cpu", str(root / "data")
+    config.model.update(nf=8, dropout=0.0)
+    config.sampling.ddim.num_steps = 3
+    train(config, tmp_path, progress=False)
+    result = quality.evaluate(config, tmp_path, method="ddim", progress=False)
+    assert 0.0 <= result["class_accuracy"] <= 1.0
+    assert result["protocol"]["class_labels"] == "balanced over 10 classes"
+    labels = np.load(tmp_path / "eval_ddim" / "chunk_00001.npz")["labels"]
+    assert labels.tolist() == [k % 10 for k in range(25, 50)]
