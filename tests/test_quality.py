@@ -274,3 +274,23 @@ def test_class_conditional_eval_reports_the_classifier_accuracy_of_the_labels(tr
     assert result["protocol"]["class_labels"] == "balanced over 10 classes"
     labels = np.load(tmp_path / "eval_ddim" / "chunk_00001.npz")["labels"]
     assert labels.tolist() == [k % 10 for k in range(25, 50)]
+
+
+def test_eval_with_an_inception_torchscript_file(trained, tmp_path):
+    """config.eval.features='inception' with a (fake, scripted) detector file: the same eval
+    pipeline, ref_stats first, the extractor's file hash in the protocol; the digits' one
+    channel is repeated to RGB."""
+    from test_inception import FakeDetector, _save_scripted
+    from run_lib.fidelity import file_sha256
+    config, root = trained
+    detector = _save_scripted(FakeDetector(), tmp_path / "inception-2015-12-05.pt")
+    config = config.copy_and_resolve_references()
+    config.eval.update(features="inception", inception_path=str(detector))
+    with pytest.raises(FileNotFoundError, match="--mode ref_stats"):
+        quality.evaluate(config, root / "run", method="ddim", progress=False)
+    summary = quality.ref_stats(config, tmp_path / "w", progress=False)
+    assert summary["feature_extractor"]["num_features"] == 2048
+    result = quality.evaluate(config, root / "run", method="ddim", progress=False)
+    identity = result["protocol"]["feature_extractor"]
+    assert identity["sha256"] == file_sha256(detector) and "torchscript" in identity["name"]
+    assert result["fid"] >= 0 and result["is"] >= 1
