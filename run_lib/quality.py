@@ -189,10 +189,13 @@ def _load_or_make_reference(config, extractor, device, progress) -> tuple[Refere
     return ReferenceStats.load(path, extractor=extractor, image_shape=shape), path
 
 
-def ref_stats(config, workdir, *, samples: str | None = None, progress: bool = True) -> dict:
+def ref_stats(config, workdir, *, samples: str | None = None,
+              progress: bool = True) -> dict | None:
     """--mode ref_stats: make and write the reference statistics (``make_reference``) and
-    <workdir>/ref_stats.json describing them."""
-    device = init_distributed(config.get("device", "auto"))[1]
+    <workdir>/ref_stats.json describing them (under torchrun on rank 0 only; None elsewhere)."""
+    ctx, device = init_distributed(config.get("device", "auto"))
+    if not ctx.is_main:
+        return None
     extractor = build_extractor(config, device)
     stats, path = make_reference(config, extractor, device=device, samples=samples,
                                  progress=progress)
