@@ -743,6 +743,10 @@ def _check_quality(config, mode: str) -> None:
     if ev.features == "digits" and shape != (1, 8, 8):
         raise ConfigError(f"config.eval.features='digits' measures 8x8 digits, but the data "
                           f"are {shape}: use --config.eval.features=inception")
+    if int(ev.num_samples) <= int(ev.pr_k):
+        raise ConfigError(f"config.eval.num_samples={ev.num_samples} is too few for precision / "
+                          f"recall with config.eval.pr_k={ev.pr_k} neighbours: draw more than "
+                          f"{ev.pr_k} samples (the papers draw 50000)")
     # the Inception file is checked when it is loaded, before any sampling (one line, URL)
 
 
