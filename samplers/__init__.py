@@ -29,6 +29,7 @@ from .likelihood import (PROBE_NOISES, TRACE_ESTIMATORS, BitsPerDimResult, Likel
                          bits_per_dim, log_likelihood)
 from .ode import ODE_METHODS, check_ode_options, ode_sample
 from .pc import CORRECTORS, PREDICTORS, check_pc_options, pc_sample
+from .vlb import VARIANCES, VLBResult, expected_posterior_variance, reverse_variances, vlb
 
 __all__ = ["SampleResult", "SAMPLERS", "Sampler", "Harness", "Schedule", "SchedulePoint",
            "pc_sample", "ald_sample", "ode_sample", "ddim_sample", "dpm_solver_sample",
@@ -38,7 +39,8 @@ __all__ = ["SampleResult", "SAMPLERS", "Sampler", "Harness", "Schedule", "Schedu
            "edm_sigmas", "inpaint", "colorize", "super_resolve", "solve_inverse_problem",
            "smc_sample", "pigdm_score", "Replacement", "INVERSE_METHODS", "KNOWN_NOISE",
            "LinearOperator", "Inpainting", "Colorization", "SuperResolution",
-           "classifier_free_guidance", "classifier_guidance", "dynamic_thresholding"]
+           "classifier_free_guidance", "classifier_guidance", "dynamic_thresholding",
+           "vlb", "VLBResult", "VARIANCES", "reverse_variances", "expected_posterior_variance"]
 
 #: The samplers by name (main.py --sampler, config.sampling.<name>).
 SAMPLERS = {
