@@ -52,6 +52,7 @@ def get_default_configs():
     # likelihood_samples 0: all 297 test digits; trace "exact" is affordable at D = 64
     config.eval = eval_group(likelihood_samples=0, batch_size=0, trace="hutchinson",
                              num_samples=2000, sample_batch=500)     # --mode eval: 2000 samples
+    config.eval.vlb_levels = 100    # the VLB's KL terms: an unbiased subset of 100 of the 999
     # noise-conditional classifier for guidance (--mode train_classifier): a small conv net
     config.classifier = classifier_group(
         name="conv", num_classes=10, nf=32, ch_mult=(1, 2, 2), embedding_dim=64,

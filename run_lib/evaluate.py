@@ -396,6 +396,50 @@ def _image_likelihood(config, run: LoadedRun, test, device, progress: bool) -> d
             "gaussian_fit_bits_per_dim": gaussian_fit_bpd(config, num_images=len(images))}
 
 
+def _vlb_variances(config, run: LoadedRun, device, progress: bool):
+    """(variance kind, E Var[x0 | x_i] or None) of config.eval.vlb_variance; 'analytic'
+    estimates it on the first config.eval.vlb_analytic_samples training images."""
+    kind = str(config.eval.get("vlb_variance", "small"))
+    if kind != "analytic":
+        return kind, None
+    train = build_dataset(config, "train")
+    count = int(config.eval.get("vlb_analytic_samples", 100))
+    data = preprocess(train.images[:count], centered=bool(config.data.centered)).to(device)
+    generator = torch.Generator(device=device).manual_seed(int(config.seed) + LIKELIHOOD_SEED)
+    return kind, samplers.expected_posterior_variance(
+        run.score_fn, run.sde, data, generator=generator,
+        batch_size=int(config.eval.get("batch_size", 0) or 0), progress=progress)
+
+
+def _image_vlb(config, run: LoadedRun, test, device, progress: bool) -> dict:
+    """The variational bound's bits/dim of the same test images (8-bit, no dequantization:
+    the discretized-Gaussian decoder), per term, when the SDE has a discrete chain."""
+    count = int(config.eval.likelihood_samples) or len(test)
+    centered = bool(config.data.centered)
+    images = preprocess(test.images[:count], centered=centered).to(device)
+    labels = test.labels[:count].to(device)
+    kind, x0_variance = _vlb_variances(config, run, device, progress)
+    generator = torch.Generator(device=device).manual_seed(int(config.seed) + LIKELIHOOD_SEED)
+    levels = int(config.eval.get("vlb_levels", 0)) or None
+    dim = images[0].numel()
+
+    def compute(batch, cond):
+        result = samplers.vlb(run.score_for_labels(cond if run.num_classes else None), run.sde,
+                              batch, variance=kind, posterior_x0_variance=x0_variance,
+                              bin_width=(2.0 if centered else 1.0) / 255.0,
+                              data_range=(-1.0, 1.0) if centered else (0.0, 1.0),
+                              num_levels=levels, generator=generator, progress=progress)
+        return result
+
+    results, seconds = _in_batches(config, images, labels, compute, progress=progress)
+    bpd, se = _mean_and_standard_error(torch.cat([r.bpd.double().cpu() for r in results]))
+    terms = {key: sum(r.terms_bpd(dim)[key] * len(r.bpd) for r in results) / len(images)
+             for key in ("prior", "kl_sum", "decoder")}
+    return {"bits_per_dim": bpd, "bits_per_dim_standard_error": se, "variance": kind,
+            "terms_bits_per_dim": terms, "kl_levels": len(results[0].levels),
+            "nfe": results[0].nfe, "seconds": round(seconds, 3)}
+
+
 def _exact_likelihood(config, run: LoadedRun, test, device, progress: bool) -> dict:
     """NLL in nats of the first config.eval.likelihood_samples (0: all) test points through
     the ODE, next to the true NLL of the same points under p_eps (eps =
@@ -427,7 +471,9 @@ def likelihood(config, workdir, *, progress: bool = True, checkpoint: str | None
     config.eval.batch_size. Writes config.json (once the checkpoint and the test split have
     loaded), then likelihood.json: bits/dim with its standard error and the Gaussian-fit
     baseline for 8-bit images; NLL in nats next to the true NLL for data with a closed-form
-    density; NFE per batch, seconds, the settings."""
+    density; NFE per batch, seconds, the settings; for images of an SDE with a discrete chain
+    also "vlb": the variational bound's bits/dim of the same images (samplers.vlb, 8-bit,
+    per term; config.eval.vlb / vlb_variance / vlb_levels)."""
     workdir = Path(workdir)
     device = pick_device(config.get("device", "auto"))
     run = load_score_fn(config, workdir, device, checkpoint=checkpoint)
@@ -435,6 +481,9 @@ def likelihood(config, workdir, *, progress: bool = True, checkpoint: str | None
     write_config(config, workdir)       # after the checkpoint and data load
     measure = _exact_likelihood if test.density is not None else _image_likelihood
     result = measure(config, run, test, device, progress)
+    if test.density is None and bool(config.eval.get("vlb", True)) and getattr(
+            run.sde, "has_discrete_chain", False):
+        result["vlb"] = _image_vlb(config, run, test, device, progress)
     options = ode_options(config)
     metrics = {"sde": type(run.sde).__name__, "model": str(config.model.name),
                "continuous": bool(config.training.get("continuous", True)), "step": run.step,
@@ -499,15 +548,20 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _likelihood_cells(like: dict) -> list[str]:
-    """[likelihood +- standard error, NFE, baseline]: bits/dim and the Gaussian fit's for
-    images, NLL in nats and the true NLL for closed-form data, '-' without a result."""
+    """[likelihood +- standard error, NFE, VLB bits/dim (NFE), baseline]: bits/dim and the
+    Gaussian fit's for images, NLL in nats and the true NLL for closed-form data, '-' without
+    a result."""
+    bound = like.get("vlb")
+    vlb_cell = (f"{bound['bits_per_dim']:.3f} +- {bound['bits_per_dim_standard_error']:.3f} "
+                f"({bound['nfe']})" if bound else "-")
     if "bits_per_dim" in like:
         return [f"{like['bits_per_dim']:.3f} +- {like['bits_per_dim_standard_error']:.3f}",
-                f"{like['nfe_mean']:.0f}", f"{like['gaussian_fit_bits_per_dim']:.3f}"]
+                f"{like['nfe_mean']:.0f}", vlb_cell, f"{like['gaussian_fit_bits_per_dim']:.3f}"]
     if "nll_nats" in like:
         return [f"{like['nll_nats']:.3f} +- {like['nll_standard_error']:.3f} nats",
-                f"{like['nfe_mean']:.0f}", f"true NLL {like['true_nll_nats']:.3f} nats"]
-    return ["-", "-", "-"]
+                f"{like['nfe_mean']:.0f}", vlb_cell,
+                f"true NLL {like['true_nll_nats']:.3f} nats"]
+    return ["-", "-", "-", "-"]
 
 
 def _sampler_cell(result: dict | None) -> str:
@@ -553,7 +607,7 @@ def compare_workdirs(workdirs) -> str:
         rows.append((workdir, config, _read_json(workdir / "likelihood.json") or {}, sampled,
                      quality))
     header = ["run", "SDE", "model", "steps", "bits/dim (or NLL)", "NFE (ODE)",
-              "baseline: Gaussian fit bits/dim (or true NLL)"]
+              "VLB bits/dim (NFE)", "baseline: Gaussian fit bits/dim (or true NLL)"]
     header += [f"{m}: FID / IS (N, NFE)" for m in evaluated]
     header += [f"{m}: NFE / pixel FD (or mode TV)" for m in samplers_seen]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

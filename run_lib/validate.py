@@ -247,6 +247,8 @@ GROUPS: dict[str, dict[str, Check]] = {
         "probes": integer(1), "ode_method": choice(ODE_METHODS), "rtol": real(0.0, strict=True),
         "atol": real(0.0, strict=True), "num_steps": optional(integer(1)),
         "score_error_samples": integer(1), "score_error_eps": real(0.0, strict=True),
+        "vlb": boolean, "vlb_variance": choice(samplers.VARIANCES), "vlb_levels": integer(0),
+        "vlb_analytic_samples": integer(1),
         # sample quality (--mode eval / ref_stats; run_lib.quality)
         "num_samples": integer(2), "sample_batch": integer(1), "use_ema": boolean,
         "features": choice(("auto", "inception", "digits")), "inception_path": path_or_empty,

@@ -19,8 +19,9 @@ data-prediction mean, E Var[x0 | x_i] estimated from the score model on data by
 ``expected_posterior_variance``). At level 0, v_0 = 0: 'small' and 'large' use v_1
 there, as Improved DDPM clips it.
 
-Each L_i is one network evaluation at x_i ~ q(x_i | x0) (a Monte Carlo estimate of the KL's
-expectation), so the whole bound costs N - 1 + 1 evaluations per image; ``num_levels`` = K
+The network sees level i at the time the PC sampler pairs with it (Score SDE's convention):
+t_i = eps + i (T - eps) / (N - 1) (``level_times``). Each L_i is one network evaluation at
+x_i ~ q(x_i | x0) (a Monte Carlo estimate of the KL's expectation), so the whole bound costs N - 1 + 1 evaluations per image; ``num_levels`` = K
 evaluates a uniform random subset of the KL terms, weighted (N - 1) / K: unbiased.
 """
 from __future__ import annotations
@@ -34,10 +35,10 @@ import torch
 from sde_lib import SDE
 from sde_lib.utils import append_dims
 
-from .harness import Schedule, progress_bar
+from .harness import Schedule, progress_bar, time_grid
 from .pc import ancestral_coefficients
 
-__all__ = ["VLBResult", "VARIANCES", "DECODERS", "ESTIMATORS", "vlb", "reverse_variances",
+__all__ = ["VLBResult", "VARIANCES", "DECODERS", "ESTIMATORS", "level_times", "vlb", "reverse_variances",
            "expected_posterior_variance", "discretized_gaussian_log_likelihood"]
 
 #: The reverse-step variances of ``reverse_variances``.
@@ -69,6 +70,12 @@ class VLBResult:
         return {"prior": self.prior.mean().item() * scale,
                 "kl_sum": (self.kl.sum(1) * self.kl_weight).mean().item() * scale,
                 "decoder": self.decoder.mean().item() * scale}
+
+
+def level_times(sde: SDE, eps: float = 1e-3) -> torch.Tensor:
+    """(N,) float64: the time t_i = eps + i (T - eps) / (N - 1) at which the network is asked
+    about chain level i, as the PC sampler's grid linspace(T, eps, N) pairs them."""
+    return time_grid(sde, sde.N, eps).flip(0)
 
 
 def _check_chain(sde: SDE) -> None:
@@ -111,7 +118,8 @@ ESTIMATORS = ("mse", "score_norm")
 
 @torch.no_grad()
 def expected_posterior_variance(score_fn: Callable, sde: SDE, data: torch.Tensor, *,
-                                estimator: str = "mse", generator: torch.Generator | None = None,
+                                estimator: str = "mse", eps: float = 1e-3,
+                                generator: torch.Generator | None = None,
                                 batch_size: int = 0, progress: bool = False) -> torch.Tensor:
     """E Var[x0 | x_i] per dimension (N,) float64 for every level, estimated on ``data``
     (M, ...) with x_i ~ q(x_i | x0); N network evaluations per data row.
@@ -128,6 +136,7 @@ def expected_posterior_variance(score_fn: Callable, sde: SDE, data: torch.Tensor
         raise ValueError(f"unknown estimator {estimator!r}; valid: {', '.join(ESTIMATORS)}")
     levels = torch.arange(sde.N)
     alpha, std = sde.discrete_marginal_coeffs(levels)
+    times = level_times(sde, eps)
     dim = data[0].numel()
     batch_size = batch_size or len(data)
     mean_square = torch.zeros(sde.N, dtype=torch.float64)
@@ -138,7 +147,7 @@ def expected_posterior_variance(score_fn: Callable, sde: SDE, data: torch.Tensor
             for first in range(0, len(data), batch_size):
                 x0 = data[first:first + batch_size]
                 x = _perturb(x0, alpha[i], std[i], generator)
-                t = sde.index_time(torch.full((len(x0),), i)).to(x0.device, x0.dtype)
+                t = torch.full((len(x0),), float(times[i]), device=x0.device, dtype=x0.dtype)
                 score = score_fn(x, t)
                 if estimator == "mse":
                     x0_hat = Schedule.tweedie(x, score, float(alpha[i]), float(std[i]))
@@ -212,7 +221,7 @@ def _levels(sde, num_levels: int | None, generator, device) -> tuple[torch.Tenso
 def vlb(score_fn: Callable, sde: SDE, x0: torch.Tensor, *, variance: str = "small",
         posterior_x0_variance: torch.Tensor | None = None, decoder: str = "discretized",
         bin_width: float = 2.0 / 255.0, data_range: tuple[float, float] = (-1.0, 1.0),
-        num_levels: int | None = None,
+        num_levels: int | None = None, eps: float = 1e-3,
         generator: torch.Generator | None = None, progress: bool = False) -> VLBResult:
     """The variational bound of the model ``score_fn`` on ``sde``'s discrete chain at data
     x0 (B, ...) in the model's space.
@@ -222,8 +231,8 @@ def vlb(score_fn: Callable, sde: SDE, x0: torch.Tensor, *, variance: str = "smal
     on the discrete data's -log P and its bits/dim are those of 8-bit images (no
     dequantization). decoder='gaussian': a Gaussian density N(x0_hat, Sigma_0) for continuous
     data. ``variance``: see ``reverse_variances``. ``num_levels``: an unbiased random subset of
-    the KL terms (default all N - 1). One network evaluation per level, noise and subset from
-    ``generator``."""
+    the KL terms (default all N - 1). ``eps``: the time of level 0 (``level_times``). One
+    network evaluation per level, noise and subset from ``generator``."""
     _check_chain(sde)
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; valid: {', '.join(DECODERS)}")
@@ -232,7 +241,7 @@ def vlb(score_fn: Callable, sde: SDE, x0: torch.Tensor, *, variance: str = "smal
     all_levels = torch.arange(sde.N)
     alpha, std, c0, cx, noise_std = ancestral_coefficients(sde, all_levels)
     batch = x0.shape[0]
-    denoise = _denoiser(score_fn, sde, x0)
+    denoise = _denoiser(score_fn, level_times(sde, eps))
     kl = torch.zeros(batch, len(levels), dtype=torch.float64, device=x0.device)
     bar = progress_bar(len(levels) + 1, progress, "VLB", unit="level")
     try:
@@ -266,10 +275,10 @@ def vlb(score_fn: Callable, sde: SDE, x0: torch.Tensor, *, variance: str = "smal
                      nfe=len(levels) + 1, variances=variances)
 
 
-def _denoiser(score_fn, sde, x0):
+def _denoiser(score_fn, times: torch.Tensor):
     """x0_hat(x, level i): Tweedie's E[x0 | x_i] with the chain's alpha_i, std_i and the score
-    at the level's time."""
+    at the level's time ``times[i]``."""
     def denoise(x, i, alpha, std):
-        t = sde.index_time(torch.full((x.shape[0],), i)).to(x.device, x.dtype)
+        t = torch.full((x.shape[0],), float(times[i]), device=x.device, dtype=x.dtype)
         return Schedule.tweedie(x, score_fn(x, t), float(alpha), float(std))
     return denoise

@@ -134,10 +134,15 @@ def test_compare_workdirs_table(tmp_path):
             "bits_per_dim": bpd, "bits_per_dim_standard_error": 0.05, "nfe_mean": 140.0,
             "step": 1500, "gaussian_fit_bits_per_dim": 6.44}))
     (tmp_path / "vp" / "samples_pc.json").write_text(json.dumps({"nfe": 2000, "pixel_fd_to_test": 0.5}))
+    like = json.loads((tmp_path / "ve" / "likelihood.json").read_text())
+    like["vlb"] = {"bits_per_dim": 3.9, "bits_per_dim_standard_error": 0.04, "nfe": 1000}
+    (tmp_path / "ve" / "likelihood.json").write_text(json.dumps(like))
     table = evaluate.compare_workdirs([tmp_path / "vp", tmp_path / "ve"])
     lines = table.splitlines()
     assert len(lines) == 4 and "pc: NFE / pixel FD" in lines[0]
-    assert "| vp | vpsde | ddpm | 1500 | 3.210 +- 0.050 | 140 | 6.440 | 2000 / 0.5000 |" == lines[2]
+    assert "| bits/dim (or NLL) | NFE (ODE) | VLB bits/dim (NFE) |" in lines[0]
+    assert "| vp | vpsde | ddpm | 1500 | 3.210 +- 0.050 | 140 | - | 6.440 | 2000 / 0.5000 |" == lines[2]
+    assert "| 3.550 +- 0.050 | 140 | 3.900 +- 0.040 (1000) | 6.440 |" in lines[3]
     assert lines[3].endswith("| - |")
     with pytest.raises(FileNotFoundError, match="config.json"):
         evaluate.compare_workdirs([tmp_path / "nothing"])

@@ -215,3 +215,29 @@ def test_sde_without_a_chain_and_bad_options_are_one_line_errors():
         reverse_variances(sdes()["vp"], "analytic")
     with pytest.raises(ValueError, match="unknown reverse variance"):
         reverse_variances(sdes()["vp"], "huge")
+
+
+def test_likelihood_mode_reports_the_vlb_next_to_the_ode(tmp_path):
+    """--mode likelihood on a tiny digits run: likelihood.json holds the ODE bits/dim and the
+    VLB's (8-bit, per term, adding up); the sub-VP SDE has no chain and no VLB entry."""
+    from configs.vp.ddpm_digits import get_config
+    from run_lib import evaluate
+    from run_lib.train import train
+    for name in ("vpsde", "subvpsde"):
+        config = get_config()
+        config.device = "cpu"
+        config.sde.name = name
+        config.model.update(nf=8, dropout=0.0)
+        config.training.update(batch_size=16, n_iters=2, log_freq=1, snapshot_freq=100,
+                               snapshot_freq_for_preemption=2, sample_freq=0, eval_freq=0)
+        config.eval.update(likelihood_samples=6, vlb_levels=5, ode_method="euler", num_steps=4)
+        workdir = tmp_path / name
+        train(config, workdir, progress=False)
+        result = evaluate.likelihood(config, workdir, progress=False)
+        if name == "subvpsde":
+            assert "vlb" not in result
+            continue
+        bound = result["vlb"]
+        assert bound["kl_levels"] == 5 and bound["nfe"] == 6 and bound["variance"] == "small"
+        assert sum(bound["terms_bits_per_dim"].values()) == pytest.approx(bound["bits_per_dim"])
+        assert bound["bits_per_dim"] > 0 and math.isfinite(bound["bits_per_dim"])
