@@ -1,0 +1,129 @@
+"""Ancestral sampling on a respaced chain (Nichol & Dhariwal 2021, Sec. 4, "Improving
+sampling speed"): K of the N levels of an SDE's discrete chain, and the chain between them.
+
+Levels s_0 < ... < s_{K-1} of the N-level chain keep their marginals (alpha_s, std_s) (for
+DDPM: alpha_bar'_k = alpha_bar_{s_k}); the respaced step from level s to the level p below
+it is x_s = a x_p + b z with a = alpha_s / alpha_p, b^2 = std_s^2 - a^2 std_p^2 (DDPM's
+beta'_k = 1 - alpha_bar_{s_k} / alpha_bar_{s_{k-1}}). Each step draws from
+
+    p(x_p | x_s) = N(c0 x0_hat + cx x_s, Sigma),  c0 = alpha_p b^2 / std_s^2,
+                   cx = a std_p^2 / std_s^2,         v = std_p^2 b^2 / std_s^2,
+
+the posterior q(x_p | x_s, x0) with x0_hat (Tweedie) in place of x0, and Sigma = v ('small',
+beta~), b^2 ('large', beta), or v + c0^2 E Var[x0 | x_s] ('analytic', Bao et al. 2022; the
+estimate ``posterior_x0_variance`` (N,) of samplers.vlb.expected_posterior_variance). The
+last step (from s_0 to the data) returns x0_hat, as Improved DDPM's sampler returns the mean.
+The network sees level s at the PC grid's time (samplers.vlb.level_times).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from sde_lib import SDE
+from sde_lib.utils import check_choice, check_int
+
+from .harness import DATA_POINT, Harness, SampleResult, SchedulePoint, check_eps
+from .vlb import VARIANCES, level_times
+
+__all__ = ["respaced_levels", "respaced_sample", "check_respaced_options", "RESPACINGS"]
+
+#: How the K levels are chosen: evenly in level index (Improved DDPM's "space_timesteps" with
+#: one section), or evenly in log-SNR (the levels nearest a uniform log-SNR grid).
+RESPACINGS = ("uniform", "logsnr")
+
+
+def respaced_levels(sde: SDE, num_steps: int, spacing: str = "uniform") -> torch.Tensor:
+    """K = ``num_steps`` distinct increasing chain levels (K,) long, always holding 0 and
+    N - 1."""
+    n = sde.N
+    if spacing == "uniform":
+        levels = torch.round(torch.linspace(0, n - 1, num_steps, dtype=torch.float64)).long()
+    else:
+        alpha, std = sde.discrete_marginal_coeffs(torch.arange(n))
+        lam = torch.log(alpha / std)
+        grid = torch.linspace(float(lam[0]), float(lam[-1]), num_steps, dtype=torch.float64)
+        levels = (lam[None, :] - grid[:, None]).abs().argmin(dim=1)
+    return torch.unique(levels)
+
+
+def check_respaced_options(sde: SDE, *, num_steps=50, variance="small", spacing="uniform",
+                           eps=1e-3, posterior_x0_variance=None) -> None:
+    """ValueError naming the first bad option of ``respaced_sample``."""
+    if not getattr(sde, "has_discrete_chain", False):
+        raise ValueError(f"{type(sde).__name__} has no discrete chain to respace: use another "
+                         "sampler (ddim, dpm_solver) or an SDE with a chain (VP / VE)")
+    check_int("num_steps", num_steps, 2, sde.N)
+    check_choice("variance", variance, VARIANCES)
+    check_choice("spacing", spacing, RESPACINGS)
+    check_eps(sde, eps)
+    if variance == "analytic":
+        if posterior_x0_variance is None:
+            raise ValueError("variance='analytic' needs posterior_x0_variance (N,) from "
+                             "samplers.vlb.expected_posterior_variance")
+        if len(posterior_x0_variance) != sde.N:
+            raise ValueError(f"posterior_x0_variance has {len(posterior_x0_variance)} entries; "
+                             f"the chain has N = {sde.N} levels")
+
+
+def _step_coefficients(sde, levels, variance, posterior_x0_variance):
+    """Per respaced step k (from levels[k] to levels[k-1], k = K-1..1): (alpha_s, std_s, c0,
+    cx, sqrt(Sigma)) host floats."""
+    alpha, std = sde.discrete_marginal_coeffs(levels)
+    steps = {}
+    for k in range(len(levels) - 1, 0, -1):
+        a_s, s_s, a_p, s_p = (float(v) for v in (alpha[k], std[k], alpha[k - 1], std[k - 1]))
+        a = a_s / a_p
+        b2 = s_s ** 2 - a ** 2 * s_p ** 2
+        c0, cx, v = a_p * b2 / s_s ** 2, a * s_p ** 2 / s_s ** 2, s_p ** 2 * b2 / s_s ** 2
+        if variance == "small":
+            sigma2 = v
+        elif variance == "large":
+            sigma2 = b2
+        else:
+            sigma2 = v + c0 ** 2 * float(posterior_x0_variance[int(levels[k])])
+        steps[k] = (a_s, s_s, c0, cx, math.sqrt(sigma2))
+    return steps, float(alpha[0]), float(std[0])
+
+
+def respaced_sample(score_fn: Callable, sde: SDE, shape,
+                    posterior_x0_variance: torch.Tensor | None = None, *, num_steps: int = 50,
+                    variance: str = "small", spacing: str = "uniform", eps: float = 1e-3,
+                    **harness_options) -> SampleResult:
+    """Ancestral sampling on ``num_steps`` levels of the chain (module docstring): K - 1
+    ancestral steps from x_{N-1} ~ prior, then x0_hat at level s_0; K network evaluations.
+
+    Args:
+        score_fn, sde, shape: as every sampler; the SDE must have a discrete chain.
+        posterior_x0_variance: (N,) E Var[x0 | x_i] for variance='analytic' (not a registry
+            option: run_lib or the caller estimates it, samplers.vlb.expected_posterior_variance).
+        num_steps: K levels (2..N). variance: 'small' | 'large' | 'analytic'.
+        spacing: 'uniform' in level index (Improved DDPM) or 'logsnr'.
+        eps: the time of level 0 (the PC grid's). posterior_x0_variance: (N,) for 'analytic'.
+        harness_options: generator, device, dtype, x_init, progress, callback, projection.
+
+    Returns: SampleResult(x, nfe = K).
+    """
+    check_respaced_options(sde, num_steps=num_steps, variance=variance, spacing=spacing,
+                           eps=eps, posterior_x0_variance=posterior_x0_variance)
+    levels = respaced_levels(sde, num_steps, spacing)
+    times = level_times(sde, eps)[levels]
+    steps, alpha_0, std_0 = _step_coefficients(sde, levels, variance, posterior_x0_variance)
+    alphas, stds = (v.tolist() for v in sde.discrete_marginal_coeffs(levels))
+    with Harness(score_fn, sde, shape, name="respaced", total=len(levels), **harness_options) as run:
+        x = run.x
+        batch_times = run.batch_times(times)
+        for k in range(len(levels) - 1, 0, -1):
+            a_s, s_s, c0, cx, noise_std = steps[k]
+            score = run.schedule.score(x, batch_times[k])
+            x0_hat = (x + score * s_s ** 2) / a_s              # Tweedie at level s_k
+            x = x0_hat * c0 + x * cx + run.noise(x) * noise_std
+            a_p, s_p = alphas[k - 1], stds[k - 1]
+            point = SchedulePoint(float(times[k - 1]), a_p, s_p, math.log(a_p / s_p))
+            x = run.step(len(levels) - 1 - k, x, point, denoised=x0_hat)
+        score = run.schedule.score(x, batch_times[0])
+        x = (x + score * std_0 ** 2) / alpha_0
+        x = run.step(len(levels) - 1, x, DATA_POINT, denoised=x)
+        return run.result(x)
