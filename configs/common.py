@@ -6,10 +6,11 @@ import samplers
 
 def sde_group(*, sigma_max: float) -> ml_collections.ConfigDict:
     """VP by default; beta_* for VP / sub-VP, sigma_* for VE (sigma_max ~ the largest distance
-    between two data points, Song & Ermon 2020, technique 1)."""
+    between two data points, Song & Ermon 2020, technique 1), s / max_beta for cosine_vpsde
+    (improved DDPM's values), logsnr_* for logsnr_vpsde (sde_lib.LinearLogSNRVPSDE)."""
     return ml_collections.ConfigDict(dict(
         name="vpsde", beta_min=0.1, beta_max=20.0, sigma_min=0.01, sigma_max=sigma_max,
-        num_scales=1000))
+        s=0.008, max_beta=0.999, logsnr_min=-10.0, logsnr_max=13.3, num_scales=1000))
 
 
 def training_group(*, n_iters: int, batch_size: int, log_freq: int) -> ml_collections.ConfigDict:

@@ -44,13 +44,14 @@ def _group(config, name: str):
 
 #: config.sde keys -> keyword of the SDE class, per SDE name (num_scales is N for all).
 SDE_KEYS = {"vpsde": ("beta_min", "beta_max"), "subvpsde": ("beta_min", "beta_max"),
-            "vesde": ("sigma_min", "sigma_max")}
+            "vesde": ("sigma_min", "sigma_max"), "cosine_vpsde": ("s", "max_beta"),
+            "logsnr_vpsde": ("logsnr_min", "logsnr_max")}
 
 
 def build_sde(config) -> sde_lib.SDE:
-    """The SDE named by config.sde.name (vpsde, subvpsde, vesde) with its parameters
-    (beta_min/beta_max or sigma_min/sigma_max, num_scales = N); missing ones take the
-    class defaults."""
+    """The SDE named by config.sde.name (vpsde, subvpsde, vesde, cosine_vpsde, logsnr_vpsde)
+    with its parameters (beta_min/beta_max, sigma_min/sigma_max, s/max_beta or
+    logsnr_min/logsnr_max; num_scales = N); missing ones take the class defaults."""
     group = _group(config, "sde")
     name = str(group.get("name", "")).lower()
     sde_lib.check_choice("config.sde.name", name, sde_lib.SDES)

@@ -203,7 +203,8 @@ GROUPS: dict[str, dict[str, Check]] = {
     "sde": {
         "name": choice(sde_lib.SDES), "beta_min": real(0.0), "beta_max": real(0.0, strict=True),
         "sigma_min": real(0.0, strict=True), "sigma_max": real(0.0, strict=True),
-        "num_scales": integer(1)},
+        "s": real(0.0, strict=True), "max_beta": real(0.0, strict=True, maximum=1.0),
+        "logsnr_min": real(None), "logsnr_max": real(None), "num_scales": integer(1)},
     "model": {
         "name": choice(compose.MODEL_ARGUMENTS), "scale_by_sigma": boolean,
         "num_classes": integer(0), "ema_rate": real(0.0, maximum=1.0), "ema_warmup": boolean,

@@ -240,7 +240,37 @@ class _LinearBetaSDE(SDE):
         return -0.5 * append_dims(self.beta(t).to(x.dtype), x.ndim) * x
 
 
-class VPSDE(_LinearBetaSDE):
+class _DDPMChain:
+    """DDPM's Markov chain x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z, i = 0..N-1, from a
+    table of betas (float64): the discrete marginals and the forward step shared by every VP
+    SDE with a discrete chain (``VPSDE``, ``schedules.VPScheduleSDE``). Level i sits at time
+    t_i = i T / (N - 1) (``SDE.time_index``)."""
+
+    def _set_ddpm_chain(self, betas: torch.Tensor) -> None:
+        #: beta_i of the chain, (N,) float64.
+        self.discrete_betas = betas
+        #: alpha_bar_i = prod_{j <= i} (1 - beta_j) (Ho et al. 2020, eq. 4), (N,) float64.
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self._tables = _TableCache(betas=betas, alphas_cumprod=self.alphas_cumprod)
+
+    def _check_ddpm_chain(self) -> None:
+        """A ValueError when the chain does not exist (all betas must be < 1)."""
+
+    def discrete_marginal_coeffs(self, i):
+        self._check_ddpm_chain()
+        abar = self._tables.get("alphas_cumprod", i.device)[i]
+        return torch.sqrt(abar), torch.sqrt(1.0 - abar)
+
+    def discretize(self, x, t):
+        """DDPM step x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z (Ho et al. 2020, eq. 2)."""
+        self._check_ddpm_chain()
+        t = batch_time(t, x)
+        beta = self._tables.get("betas", x.device)[self.time_index(t)]
+        f = append_dims((torch.sqrt(1.0 - beta) - 1.0).to(x.dtype), x.ndim) * x
+        return f, torch.sqrt(beta).to(x.dtype)
+
+
+class VPSDE(_DDPMChain, _LinearBetaSDE):
     """Variance-preserving SDE, the continuous limit of DDPM (Ho et al. 2020):
 
         dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw,   beta(t) = beta_min + t (beta_max - beta_min)
@@ -251,11 +281,8 @@ class VPSDE(_LinearBetaSDE):
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
         super().__init__(beta_min, beta_max, N)
-        betas = torch.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N,
-                               dtype=SCHEDULE_DTYPE)
-        self.discrete_betas = betas
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        self._tables = _TableCache(betas=betas, alphas_cumprod=self.alphas_cumprod)
+        self._set_ddpm_chain(torch.linspace(self.beta_min / self.N, self.beta_max / self.N,
+                                            self.N, dtype=SCHEDULE_DTYPE))
 
     @property
     def has_discrete_chain(self) -> bool:
@@ -284,19 +311,6 @@ class VPSDE(_LinearBetaSDE):
             raise ValueError(f"{self!r}: the DDPM chain's largest beta, beta_max / N = "
                              f"{self.beta_max / self.N:.3g}, must be < 1; use N > beta_max or a "
                              "continuous sampler / loss")
-
-    def discrete_marginal_coeffs(self, i):
-        self._check_ddpm_chain()
-        abar = self._tables.get("alphas_cumprod", i.device)[i]
-        return torch.sqrt(abar), torch.sqrt(1.0 - abar)
-
-    def discretize(self, x, t):
-        """DDPM step x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z (Ho et al. 2020, eq. 2)."""
-        self._check_ddpm_chain()
-        t = batch_time(t, x)
-        beta = self._tables.get("betas", x.device)[self.time_index(t)]
-        f = append_dims((torch.sqrt(1.0 - beta) - 1.0).to(x.dtype), x.ndim) * x
-        return f, torch.sqrt(beta).to(x.dtype)
 
 
 class subVPSDE(_LinearBetaSDE):

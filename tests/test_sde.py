@@ -20,6 +20,10 @@ from testbed import (SDE_PARAMS, Z_MAX, correlated_gaussian, moment_standard_err
                      moment_zscores)
 
 F64 = torch.float64
+#: The VP SDEs given by their schedule (sde_lib/schedules.py; tests/test_schedules.py), added
+#: to the generic checks below.
+SCHEDULE_PARAMS = [pytest.param(sde_lib.CosineVPSDE, id="cosine_vpsde"),
+                   pytest.param(sde_lib.LinearLogSNRVPSDE, id="logsnr_vpsde")]
 
 
 def _t(values) -> torch.Tensor:
@@ -51,8 +55,12 @@ def _em_moment_coeffs(sde, steps: int, var0: float):
     return A, _t(V)
 
 
-@pytest.mark.parametrize("make_sde", SDE_PARAMS)
+@pytest.mark.parametrize("make_sde", SDE_PARAMS + [
+    pytest.param(sde_lib.LinearLogSNRVPSDE, id="logsnr_vpsde", marks=pytest.mark.slow)])
 def test_marginal_prob_matches_euler_maruyama_simulation(make_sde):
+    # (not the cosine schedule: its rate near T, up to beta_clip = 6908, makes Euler-Maruyama
+    # at dt = 1e-3 overshoot (1 - beta dt / 2 = -2.5); tests/test_schedules.py checks it by
+    # quadrature instead. The log-SNR case (~3-5 s) is marked slow.)
     sde = make_sde()
     dist = correlated_gaussian(3)
     mu, sigma, eye = dist.mean(), dist.covariance(), torch.eye(3, dtype=F64)
@@ -256,7 +264,7 @@ def test_prior_logp_matches_torch_distributions(name, shape):
     torch.testing.assert_close(got32.double(), ref, rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("make_sde", SDE_PARAMS)
+@pytest.mark.parametrize("make_sde", SDE_PARAMS + SCHEDULE_PARAMS)
 def test_prior_sampling(make_sde):
     sde = make_sde()
     shape = (4000, 3, 2, 2)
@@ -276,7 +284,7 @@ def test_prior_sampling(make_sde):
 
 
 # ----- d. log-SNR ----------------------------------------------------------------------------
-@pytest.mark.parametrize("make_sde", SDE_PARAMS + [
+@pytest.mark.parametrize("make_sde", SDE_PARAMS + SCHEDULE_PARAMS + [
     pytest.param(lambda: sde_lib.VPSDE(beta_min=0.5, beta_max=30.0), id="vpsde-custom"),
     pytest.param(lambda: sde_lib.subVPSDE(beta_min=0.05, beta_max=10.0), id="subvpsde-custom"),
     pytest.param(lambda: sde_lib.VESDE(sigma_min=0.002, sigma_max=80.0), id="vesde-custom"),
@@ -310,7 +318,7 @@ def test_log_snr_round_trip_monotone_and_consistent_with_g_and_std(make_sde):
 
 
 # ----- e. reverse-time drift -----------------------------------------------------------------
-@pytest.mark.parametrize("make_sde", SDE_PARAMS)
+@pytest.mark.parametrize("make_sde", SDE_PARAMS + SCHEDULE_PARAMS)
 @pytest.mark.parametrize("shape", [(6, 3), (4, 1, 2, 2)])
 def test_reverse_drift_for_gaussian_data(make_sde, shape):
     sde = make_sde()
@@ -359,7 +367,7 @@ def test_reverse_drift_for_gaussian_data(make_sde, shape):
 
 
 # ----- f. dtypes, shapes, time arguments -----------------------------------------------------
-@pytest.mark.parametrize("make_sde", SDE_PARAMS)
+@pytest.mark.parametrize("make_sde", SDE_PARAMS + SCHEDULE_PARAMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(5, 3), (5, 2, 4, 4)])
 def test_dtype_and_shape_preservation(make_sde, dtype, shape):
@@ -434,8 +442,12 @@ def test_dtype_and_shape_preservation(make_sde, dtype, shape):
     (lambda: sde_lib.VPSDE(N=0), r"\bN\b"),
     (lambda: sde_lib.VESDE(N=2.5), r"\bN\b"),
     (lambda: sde_lib.subVPSDE(N=True), r"\bN\b"),
+    (lambda: sde_lib.CosineVPSDE(s=-0.1), r"\bs must be"),
+    (lambda: sde_lib.CosineVPSDE(max_beta=1.5), "max_beta"),
+    (lambda: sde_lib.LinearLogSNRVPSDE(logsnr_min=3.0, logsnr_max=3.0), "logsnr_min.*logsnr_max"),
 ], ids=["vp-beta_min<0", "vp-beta_max=0", "vp-beta_max<beta_min", "subvp-nan", "ve-equal",
-        "ve-sigma_min=0", "ve-sigma_max<0", "N=0", "N=2.5", "N=True"])
+        "ve-sigma_min=0", "ve-sigma_max<0", "N=0", "N=2.5", "N=True", "cosine-s<0",
+        "cosine-max_beta>1", "logsnr-equal"])
 def test_bad_parameters_raise_value_error_naming_them(make, match):
     with pytest.raises(ValueError, match=match):
         make()
@@ -445,6 +457,8 @@ def test_bad_parameters_raise_value_error_naming_them(make, match):
     ("vpsde", sde_lib.VPSDE, {"beta_min": 0.2, "beta_max": 15.0}),
     ("subvpsde", sde_lib.subVPSDE, {"beta_min": 0.05, "beta_max": 12.0}),
     ("vesde", sde_lib.VESDE, {"sigma_min": 0.02, "sigma_max": 30.0}),
+    ("cosine_vpsde", sde_lib.CosineVPSDE, {"s": 0.02, "max_beta": 0.99}),
+    ("logsnr_vpsde", sde_lib.LinearLogSNRVPSDE, {"logsnr_min": -8.0, "logsnr_max": 12.0}),
 ])
 def test_build_sde_from_config(name, cls, params):
     config = ml_collections.ConfigDict()
@@ -487,7 +501,7 @@ def test_build_sde_errors():
 
 
 # ----- h. the DDPM time index ----------------------------------------------------------------
-@pytest.mark.parametrize("make_sde", SDE_PARAMS)
+@pytest.mark.parametrize("make_sde", SDE_PARAMS + SCHEDULE_PARAMS)
 @pytest.mark.parametrize("N", [1, 2, 7, 1000, 4096])
 def test_time_index_inverts_index_time(make_sde, N):
     cls = type(make_sde())
