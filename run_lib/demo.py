@@ -1,15 +1,26 @@
-"""The main job on the built-in digits: train a small VP and a small VE model, sample each with
-the PC sampler and the probability-flow ODE, compute their bits/dim through the ODE, and put
-them side by side (main.py --mode demo).
+"""The main job on the built-in digits: train a small VP and a small VE model, measure the
+sample quality of each with the PC sampler, the probability-flow ODE and the few-step
+DPM-Solver (digits FID / IS / KID / precision / recall of run_lib.quality), compute their
+bits/dim through the ODE, and put them side by side (main.py --mode demo).
 
-    <root>/vp/ and <root>/ve/   work directories of the two runs (checkpoints, grids, JSON)
+    <root>/vp/ and <root>/ve/   work directories of the two runs (checkpoints, JSON)
+    <root>/*/eval_<sampler>.json and .png   sample quality of --mode eval and its first 100
+                                samples; the chunks of samples in eval_<sampler>/
     <root>/comparison.md        the table of compare_workdirs, with the Gaussian-fit baseline
     <root>/demo_times.json      seconds per phase (train, each sampler, likelihood) and in all
+
+Sample quality is measured on DEMO_SETTINGS' eval.num_samples samples per sampler (500:
+PC at 1000 NFE draws about 1.2 images/s on one CPU thread, so 500 cost the demo about five
+minutes more than the 100 pixel-FD samples before; bench/digits_quality.py measures 2000)
+against the reference statistics of the 1500 training digits in the digits classifier's
+feature space. FID at N = 500 is biased upward against N = 2000 (README, "Sample quality").
 
 On a CPU with at least two torch threads the two runs go to two processes at once, each
 with its share of the threads: the 0.68 M-parameter U-Net on 8x8 images gains little from a
 second thread (bench/README.md, "The demo"), so two one-thread runs side by side finish
 well before two two-thread runs in a row. On a GPU, or with one thread, they run in turn.
+The digits classifier and the reference statistics are made (when absent) before the runs
+start, so the two processes never write them at once.
 """
 from __future__ import annotations
 
@@ -23,49 +34,76 @@ from pathlib import Path
 
 import torch
 
-from . import evaluate
+from . import evaluate, quality
 from .train import train
 from .utils import pick_device
-from .validate import check_override_key
+from .validate import check_override_key, validate_config
 
-__all__ = ["DEMO_RUNS", "DEMO_SETTINGS", "demo_config", "run_demo", "run_one"]
+__all__ = ["DEMO_RUNS", "DEMO_SAMPLERS", "DEMO_SETTINGS", "SHARED_SETTINGS", "apply_settings",
+           "demo_config", "prepare_quality", "run_demo", "run_one"]
 
 log = logging.getLogger(__name__)
 
 #: run name -> config module of the demo.
 DEMO_RUNS = {"vp": "configs.vp.ddpm_digits", "ve": "configs.ve.ddpm_digits"}
 
+#: The samplers whose sample quality the demo measures, each with its config options:
+#: PC (1000 steps), the probability-flow ODE (dopri5) and DPM-Solver++ 2M at its default
+#: 20 steps (21 NFE).
+DEMO_SAMPLERS = ("pc", "ode", "dpm_solver")
+
 #: What the demo sets on top of each run's config (before the caller's overrides), per run;
 #: each setting is measured on the 1500-step demo models in bench/README.md ("The demo"):
 #: the PC sampler without the Langevin corrector (which made these models' samples worse),
 #: the ODE sampler at rtol 1e-4, and the likelihood ODE at the loosest tolerance within
 #: 0.001 bits/dim of rtol 1e-5 (VP 1e-3, VE 1e-4). Training is not shortened: it costs
-#: bits/dim.
-_SHARED_SETTINGS = {"sampling.pc.corrector": "none",
-                    "sampling.ode.rtol": 1e-4, "sampling.ode.atol": 1e-4}
-DEMO_SETTINGS = {"vp": {**_SHARED_SETTINGS, "eval.rtol": 1e-3, "eval.atol": 1e-3},
-                 "ve": {**_SHARED_SETTINGS, "eval.rtol": 1e-4, "eval.atol": 1e-4}}
+#: bits/dim. Sample quality on 500 samples per sampler (one chunk; see the module docstring).
+SHARED_SETTINGS = {"sampling.pc.corrector": "none",
+                   "sampling.ode.rtol": 1e-4, "sampling.ode.atol": 1e-4,
+                   "eval.num_samples": 500, "eval.sample_batch": 500}
+DEMO_SETTINGS = {"vp": {**SHARED_SETTINGS, "eval.rtol": 1e-3, "eval.atol": 1e-3},
+                 "ve": {**SHARED_SETTINGS, "eval.rtol": 1e-4, "eval.atol": 1e-4}}
 
 
-def demo_config(name: str, *, n_iters: int, overrides: dict | None = None):
-    """The config of demo run ``name`` with ``n_iters`` training steps, DEMO_SETTINGS[name] and
-    dotted overrides ({"sampling.num_samples": 64, ...}), in that order."""
-    config = importlib.import_module(DEMO_RUNS[name]).get_config()
+def apply_settings(config, *, n_iters: int, settings: dict):
+    """``config`` trained for ``n_iters`` steps (one checkpoint and one picture at the end,
+    ten test-loss evaluations) with the dotted ``settings`` ({"eval.num_samples": 500, ...})
+    applied; an unknown key is a ConfigError naming the closest one."""
     config.training.n_iters = n_iters
     config.training.snapshot_freq = n_iters
     config.training.sample_freq = n_iters          # one grid of the final EMA weights
     config.training.eval_freq = max(1, n_iters // 10)
-    settings = {**DEMO_SETTINGS[name], **(overrides or {})}
     for key in settings:
-        check_override_key(config, key)     # ConfigError naming the closest key
+        check_override_key(config, key)
     config.update_from_flattened_dict(settings)
     return config
 
 
-def run_one(name: str, workdir, *, n_iters: int, samplers=("pc", "ode"), progress: bool = True,
+def demo_config(name: str, *, n_iters: int, overrides: dict | None = None):
+    """The config of demo run ``name`` with ``n_iters`` training steps, DEMO_SETTINGS[name] and
+    dotted overrides ({"eval.num_samples": 64, ...}), in that order."""
+    config = importlib.import_module(DEMO_RUNS[name]).get_config()
+    return apply_settings(config, n_iters=n_iters,
+                          settings={**DEMO_SETTINGS[name], **(overrides or {})})
+
+
+def prepare_quality(config, *, progress: bool = False) -> Path:
+    """Make the digits classifier and the reference statistics of config's evaluation when
+    absent (on the CPU: the statistics do not depend on the device); returns the statistics'
+    path. Called once before the runs start, so parallel runs only read them."""
+    extractor = quality.build_extractor(config, torch.device("cpu"))
+    path = quality.reference_path(config, extractor)
+    if not path.is_file():
+        quality.make_reference(config, extractor, device=torch.device("cpu"), path=path,
+                               progress=progress)
+    return path
+
+
+def run_one(name: str, workdir, *, n_iters: int, samplers=DEMO_SAMPLERS, progress: bool = True,
             overrides: dict | None = None) -> dict:
-    """Train, sample and evaluate demo run ``name`` in ``workdir``; returns the seconds of
-    each phase ({"train": ..., "pc": ..., "ode": ..., "likelihood": ..., "total": ...})."""
+    """Train demo run ``name`` in ``workdir``, measure the sample quality of each sampler
+    (run_lib.quality.evaluate: eval_<sampler>.json / .png) and the bits/dim; returns the
+    seconds of each phase ({"train": ..., "pc": ..., "likelihood": ..., "total": ...})."""
     config = demo_config(name, n_iters=n_iters, overrides=overrides)
     workdir = Path(workdir)
     seconds, start = {}, time.perf_counter()
@@ -74,10 +112,11 @@ def run_one(name: str, workdir, *, n_iters: int, samplers=("pc", "ode"), progres
     seconds["train"] = time.perf_counter() - start
     for method in samplers:
         begin = time.perf_counter()
-        metrics = evaluate.sample(config, workdir, method=method, progress=progress)
+        result = quality.evaluate(config, workdir, method=method, progress=progress)
         seconds[method] = time.perf_counter() - begin
-        log.info("demo: %s %s: NFE %d, %.1f s, pixel FD %.4f", name, method, metrics["nfe"],
-                 metrics["seconds"], metrics.get("pixel_fd_to_test", float("nan")))
+        log.info("demo: %s %s: NFE %d, FID %.3f, IS %.2f over %d samples, %.0f s", name, method,
+                 result["protocol"]["nfe"], result["fid"], result.get("is", float("nan")),
+                 result["num_samples"], seconds[method])
     begin = time.perf_counter()
     metrics = evaluate.likelihood(config, workdir, progress=progress)
     seconds["likelihood"] = time.perf_counter() - begin
@@ -103,22 +142,35 @@ def _runs_in_parallel(config) -> bool:
     return device.type == "cpu" and torch.get_num_threads() >= len(DEMO_RUNS)
 
 
-def run_demo(root, *, n_iters: int = 1500, samplers=("pc", "ode"), progress: bool = True,
+def _check_configs(n_iters: int, samplers, overrides: dict | None) -> None:
+    """Every run's config for every mode the demo runs: one ConfigError before any work."""
+    for name in DEMO_RUNS:
+        config = demo_config(name, n_iters=n_iters, overrides=overrides)
+        validate_config(config, "train")
+        validate_config(config, "likelihood")
+        for method in samplers:
+            validate_config(config, "eval", sampler=method)
+
+
+def run_demo(root, *, n_iters: int = 1500, samplers=DEMO_SAMPLERS, progress: bool = True,
              overrides: dict | None = None, parallel: bool | None = None) -> str:
-    """Train, sample and evaluate every run of DEMO_RUNS under ``root``; returns the table.
+    """Train, evaluate and compare every run of DEMO_RUNS under ``root``; returns the table.
 
     ``parallel``: run the runs in one process each (torch.get_num_threads() // runs threads
     apiece), or in turn in this process; None: in parallel on a CPU with a thread per run.
     A run whose work directory already holds a finished checkpoint resumes (or skips)
-    training, so the demo can be interrupted and started again.
+    training, and sample chunks already drawn are reused, so the demo can be interrupted
+    and started again.
     """
     root = Path(root)
     workdirs = {name: root / name for name in DEMO_RUNS}
     kwargs = dict(n_iters=n_iters, samplers=tuple(samplers), overrides=overrides)
+    _check_configs(n_iters, samplers, overrides)
+    first = demo_config(next(iter(DEMO_RUNS)), n_iters=n_iters, overrides=overrides)
     if parallel is None:
-        parallel = _runs_in_parallel(demo_config(next(iter(DEMO_RUNS)), n_iters=n_iters,
-                                                 overrides=overrides))
+        parallel = _runs_in_parallel(first)
     start = time.perf_counter()
+    prepare_quality(first, progress=progress)
     if parallel:
         threads = max(1, torch.get_num_threads() // len(DEMO_RUNS))
         log.info("demo: %d runs side by side, %d torch thread(s) each", len(DEMO_RUNS), threads)
