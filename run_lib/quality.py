@@ -220,9 +220,10 @@ def _protocol_key(config, method: str, options: dict, step: int, extractor, labe
                          bool(config.sampling.get("thresholding", False))]}
 
 
-def _read_chunk(path: Path, key: dict) -> dict | None:
-    """The arrays of a chunk file written with the protocol ``key``; None when absent,
-    damaged or of another protocol (then it is drawn again)."""
+def _read_chunk(path: Path, key: dict, size: int | None = None) -> dict | None:
+    """The arrays of a chunk file written with the protocol ``key`` (and holding ``size``
+    samples, when given); None when absent, damaged, of another protocol or another size
+    (then it is drawn again)."""
     if not path.is_file():
         return None
     try:
@@ -235,7 +236,16 @@ def _read_chunk(path: Path, key: dict) -> dict | None:
     if meta.get("key") != json.loads(json.dumps(key)):
         log.warning("%s was drawn with another protocol: drawing it again", path)
         return None
+    if size is not None and len(arrays.get("images", ())) != size:
+        log.warning("%s holds %d samples, not %d: drawing it again", path,
+                    len(arrays.get("images", ())), size)
+        return None
     return {**arrays, **meta}
+
+
+def _chunk_size(n: int, chunk: int, k: int) -> int:
+    """Samples in chunk k of n samples in chunks of ``chunk`` (the last one may be short)."""
+    return min(chunk, n - k * chunk)
 
 
 def _write_chunk(path: Path, arrays: dict, meta: dict) -> None:
@@ -284,7 +294,7 @@ def _draw_missing_chunks(config, run, method, ctx, device, folder, extractor, ke
     n, chunk = int(config.eval.num_samples), int(config.eval.sample_batch)
     paths = _chunk_paths(folder, n, chunk)
     mine = [k for k in range(ctx.rank, len(paths), ctx.world_size)
-            if _read_chunk(paths[k], key) is None]
+            if _read_chunk(paths[k], key, _chunk_size(n, chunk, k)) is None]
     bar = progress_bar(len(mine), progress and ctx.is_main, f"eval {method}", unit="chunk")
     try:
         for k in mine:
@@ -301,8 +311,8 @@ def _gather_chunks(folder: Path, n: int, chunk: int, key: dict, extractor, keep:
     """(accumulator of every chunk's features and logits, per-chunk metadata list, the
     fraction of labelled samples whose logits' argmax is their label, or None)."""
     acc, metas, hits = FeatureAccumulator(extractor.num_features, keep), [], []
-    for path in _chunk_paths(folder, n, chunk):
-        data = _read_chunk(path, key)
+    for k, path in enumerate(_chunk_paths(folder, n, chunk)):
+        data = _read_chunk(path, key, _chunk_size(n, chunk, k))
         if data is None:
             raise RuntimeError(f"{path} is missing after sampling: run --mode eval again to "
                                "draw it")

@@ -116,6 +116,11 @@ def test_an_interrupted_evaluation_resumes_to_the_same_result(trained, tmp_path,
     resumed = quality.evaluate(config, workdir, method="ddim", progress=False)
     assert resumed["timing"]["chunks_drawn_now"] == 2           # the missing and the damaged
     assert _metrics(resumed) == _metrics(whole)
+    # more samples: the short last chunk (10 of 25) is drawn again at its new size
+    more = config.copy_and_resolve_references()
+    more.eval.num_samples = 70
+    grown = quality.evaluate(more, workdir, method="ddim", progress=False)
+    assert grown["timing"]["chunks_drawn_now"] == 1 and grown["num_samples"] == 70
     # another protocol (more steps) draws every chunk again
     config = config.copy_and_resolve_references()
     config.sampling.ddim.num_steps = 4
