@@ -35,7 +35,7 @@ import math
 
 import torch
 
-from .sdes import SDE, _DDPMChain
+from .sdes import SDE, _DDPMChain, _VPKernel
 from .utils import SCHEDULE_DTYPE, append_dims, batch_time, check_int, check_real
 
 __all__ = ["VPScheduleSDE", "CosineVPSDE", "LinearLogSNRVPSDE", "betas_for_alpha_bar"]
@@ -72,7 +72,7 @@ def _check_max_beta(max_beta) -> float:
     return value
 
 
-class VPScheduleSDE(_DDPMChain, SDE):
+class VPScheduleSDE(_VPKernel, _DDPMChain, SDE):
     """A VP SDE given by its schedule (see the module docstring); subclasses define
 
         integrated_beta(t)   B(t) = -log alpha_bar(t), float64
@@ -121,19 +121,6 @@ class VPScheduleSDE(_DDPMChain, SDE):
         t = batch_time(t, x)
         beta = self.beta(t)
         return -0.5 * append_dims(beta.to(x.dtype), x.ndim) * x, torch.sqrt(beta).to(x.dtype)
-
-    def marginal_coeffs(self, t):
-        b = self.integrated_beta(t)
-        return torch.exp(-0.5 * b), torch.sqrt(-torch.expm1(-b))
-
-    def log_snr(self, t):
-        # alpha^2 / std^2 = exp(-B) / (1 - exp(-B)) = 1 / (exp(B) - 1)
-        return -torch.log(torch.expm1(self.integrated_beta(t)))
-
-    def t_from_log_snr(self, lam):
-        # exp(B) - 1 = exp(-lam)  =>  B = log(1 + exp(-lam)) (softplus, without its cut-off)
-        lam = torch.as_tensor(lam).to(SCHEDULE_DTYPE)
-        return self._time_from_integrated_beta(torch.logaddexp(torch.zeros_like(lam), -lam))
 
 
 class CosineVPSDE(VPScheduleSDE):

@@ -240,6 +240,25 @@ class _LinearBetaSDE(SDE):
         return -0.5 * append_dims(self.beta(t).to(x.dtype), x.ndim) * x
 
 
+class _VPKernel:
+    """The kernel of every VP SDE from its integrated rate B(t) = int_0^t beta (subclasses
+    give ``integrated_beta`` and its inverse ``_time_from_integrated_beta``):
+    alpha = exp(-B/2), std^2 = 1 - exp(-B) (Song et al. 2021, eq. 29/33)."""
+
+    def marginal_coeffs(self, t):
+        b = self.integrated_beta(t)
+        return torch.exp(-0.5 * b), torch.sqrt(-torch.expm1(-b))
+
+    def log_snr(self, t):
+        # alpha^2 / std^2 = 1 / (exp(B) - 1)
+        return -torch.log(torch.expm1(self.integrated_beta(t)))
+
+    def t_from_log_snr(self, lam):
+        # exp(B) - 1 = exp(-lam)  =>  B = log(1 + exp(-lam)) (softplus, without its cut-off)
+        lam = torch.as_tensor(lam).to(SCHEDULE_DTYPE)
+        return self._time_from_integrated_beta(torch.logaddexp(torch.zeros_like(lam), -lam))
+
+
 class _DDPMChain:
     """DDPM's Markov chain x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z, i = 0..N-1, from a
     table of betas (float64): the discrete marginals and the forward step shared by every VP
@@ -270,7 +289,7 @@ class _DDPMChain:
         return f, torch.sqrt(beta).to(x.dtype)
 
 
-class VPSDE(_DDPMChain, _LinearBetaSDE):
+class VPSDE(_VPKernel, _DDPMChain, _LinearBetaSDE):
     """Variance-preserving SDE, the continuous limit of DDPM (Ho et al. 2020):
 
         dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw,   beta(t) = beta_min + t (beta_max - beta_min)
@@ -292,19 +311,6 @@ class VPSDE(_DDPMChain, _LinearBetaSDE):
     def sde(self, x, t):
         t = batch_time(t, x)
         return self._drift(x, t), torch.sqrt(self.beta(t)).to(x.dtype)
-
-    def marginal_coeffs(self, t):
-        b = self.integrated_beta(t)
-        return torch.exp(-0.5 * b), torch.sqrt(-torch.expm1(-b))
-
-    def log_snr(self, t):
-        # alpha^2 / std^2 = 1 / (exp(B) - 1)
-        return -torch.log(torch.expm1(self.integrated_beta(t)))
-
-    def t_from_log_snr(self, lam):
-        # exp(B) - 1 = exp(-lam)  =>  B = log(1 + exp(-lam)) (softplus, without its cut-off)
-        lam = torch.as_tensor(lam).to(SCHEDULE_DTYPE)
-        return self._time_from_integrated_beta(torch.logaddexp(torch.zeros_like(lam), -lam))
 
     def _check_ddpm_chain(self) -> None:
         if not self.has_discrete_chain:

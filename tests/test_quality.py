@@ -50,6 +50,13 @@ def trained(tmp_path_factory):
     return config, root
 
 
+def _copy_checkpoints(source, workdir):
+    """A fresh work directory holding the trained run's checkpoints."""
+    (workdir / "checkpoints").mkdir(parents=True)
+    for path in (source / "checkpoints").iterdir():
+        (workdir / "checkpoints" / path.name).write_bytes(path.read_bytes())
+
+
 def _main(*args, env=None):
     return subprocess.run([sys.executable, "main.py", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300,
@@ -63,9 +70,7 @@ def _metrics(result: dict) -> dict:
 def test_eval_writes_metrics_protocol_picture_and_the_small_n_warning(trained, tmp_path):
     config, root = trained
     workdir = tmp_path / "run"
-    (workdir / "checkpoints").mkdir(parents=True)
-    for path in (root / "run" / "checkpoints").iterdir():
-        (workdir / "checkpoints" / path.name).write_bytes(path.read_bytes())
+    _copy_checkpoints(root / "run", workdir)
     result = quality.evaluate(config, workdir, method="ddim", progress=False)
     saved = json.loads((workdir / "eval.json").read_text())
     assert saved == json.loads((workdir / "eval_ddim.json").read_text())
@@ -96,9 +101,7 @@ def test_an_interrupted_evaluation_resumes_to_the_same_result(trained, tmp_path,
     config, root = trained
     whole = quality.evaluate(config, root / "run", method="ddim", progress=False)
     workdir = tmp_path / "run"
-    (workdir / "checkpoints").mkdir(parents=True)
-    for path in (root / "run" / "checkpoints").iterdir():
-        (workdir / "checkpoints" / path.name).write_bytes(path.read_bytes())
+    _copy_checkpoints(root / "run", workdir)
     make_chunk, calls = quality._make_chunk, []
 
     def stop_after_two(*args, **kwargs):
@@ -138,9 +141,7 @@ def test_two_gloo_processes_give_the_single_process_value(trained, tmp_path):
     config, root = trained
     single = quality.evaluate(config, root / "run", method="ddim", progress=False)
     workdir = tmp_path / "run"
-    (workdir / "checkpoints").mkdir(parents=True)
-    for path in (root / "run" / "checkpoints").iterdir():
-        (workdir / "checkpoints" / path.name).write_bytes(path.read_bytes())
+    _copy_checkpoints(root / "run", workdir)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={_free_port()}", "main.py", "--mode", "eval", "--config",
            "configs/vp/ddpm_digits.py", "--workdir", str(workdir), "--sampler", "ddim",
