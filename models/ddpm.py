@@ -63,12 +63,15 @@ class DDPM(nn.Module):
         num_channels: image channels.
         num_classes: optional class conditioning: a learned embedding (``class_embedding``,
             not part of ``all_modules``) added to the time embedding; needs ``conditional``.
+        learn_sigma: output 2 num_channels channels, [eps, v]: the noise prediction and the
+            interpolation of the reverse variance (Improved DDPM; ``models.get_score_fn``
+            with ``learned_variance=True`` splits them).
     """
 
     def __init__(self, *, nf: int = 128, ch_mult=(1, 2, 2, 2), num_res_blocks: int = 2,
                  attn_resolutions=(16,), dropout: float = 0.1, resamp_with_conv: bool = True,
                  conditional: bool = True, image_size: int = 32, num_channels: int = 3,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, learn_sigma: bool = False):
         super().__init__()
         ch_mult = tuple(int(c) for c in ch_mult)
         num_resolutions = len(ch_mult)
@@ -81,7 +84,7 @@ class DDPM(nn.Module):
         self.nf, self.ch_mult, self.num_res_blocks = nf, ch_mult, num_res_blocks
         self.attn_resolutions = tuple(int(r) for r in attn_resolutions)
         self.conditional, self.image_size, self.num_channels = conditional, image_size, num_channels
-        self.num_resolutions = num_resolutions
+        self.num_resolutions, self.learn_sigma = num_resolutions, bool(learn_sigma)
         resolutions = [image_size // 2 ** i for i in range(num_resolutions)]
         temb_dim = 4 * nf if conditional else None
 
@@ -112,7 +115,8 @@ class DDPM(nn.Module):
             if level != 0:
                 modules.append(Upsample(in_ch, with_conv=resamp_with_conv))
         assert not skip_ch
-        modules += [group_norm(in_ch), ddpm_conv3x3(in_ch, num_channels, init_scale=0.0)]
+        modules += [group_norm(in_ch), ddpm_conv3x3(in_ch, num_channels * (2 if learn_sigma else 1),
+                                                   init_scale=0.0)]
         self.all_modules = nn.ModuleList(modules)
         self.class_embedding = nn.Embedding(num_classes, 4 * nf) if num_classes else None
 
@@ -121,7 +125,8 @@ class DDPM(nn.Module):
         """x: (B, num_channels, image_size, image_size) in [-1, 1]; cond: (B,) step index i,
         the fractional label t (N - 1) (``discrete_labels='score_sde'``) or 999 t;
         class_labels: (B,) long, required iff the model has ``num_classes``.
-        Returns the predicted noise, shape of x."""
+        Returns the predicted noise, shape of x ((B, 2 num_channels, ...) with
+        ``learn_sigma``: noise and variance interpolation)."""
         if x.ndim != 4 or tuple(x.shape[1:]) != (self.num_channels, self.image_size,
                                                  self.image_size):
             raise ValueError(f"DDPM expects x of shape (B, {self.num_channels}, "

@@ -42,11 +42,14 @@ class MLPScoreNet(nn.Module):
         embedding_dim: size of the noise embedding.
         fourier_scale: std of the Fourier frequencies.
         num_classes: if set, a learned class embedding is added (class-conditional model).
+        learn_sigma: output (B, 2 D, ...) for data (B, D, ...): [network output, variance
+            interpolation v] along dim 1 (Improved DDPM's learned variances).
     """
 
     def __init__(self, *, data_shape, hidden_dim: int = 256, num_blocks: int = 3,
                  embedding_type: str = "positional", embedding_dim: int = 128,
-                 fourier_scale: float = 16.0, num_classes: int | None = None):
+                 fourier_scale: float = 16.0, num_classes: int | None = None,
+                 learn_sigma: bool = False):
         super().__init__()
         if embedding_type not in EMBEDDINGS:
             raise ValueError(f"embedding_type={embedding_type!r} is not known; valid: "
@@ -63,7 +66,8 @@ class MLPScoreNet(nn.Module):
         self.inp = nn.Linear(dim, hidden_dim)
         self.blocks = nn.ModuleList(_ResidualBlock(hidden_dim, hidden_dim) for _ in range(num_blocks))
         self.out_norm = nn.LayerNorm(hidden_dim)
-        self.out = nn.Linear(hidden_dim, dim)
+        self.learn_sigma = bool(learn_sigma)
+        self.out = nn.Linear(hidden_dim, dim * (2 if learn_sigma else 1))
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -94,4 +98,7 @@ class MLPScoreNet(nn.Module):
         h = self.inp(x.reshape(x.shape[0], -1))
         for block in self.blocks:
             h = block(h, emb)
-        return self.out(nn.functional.silu(self.out_norm(h))).reshape(x.shape)
+        out = self.out(nn.functional.silu(self.out_norm(h)))
+        if self.learn_sigma:
+            return out.reshape(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+        return out.reshape(x.shape)

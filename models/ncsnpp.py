@@ -192,6 +192,8 @@ class NCSNpp(nn.Module):
         image_size: input height = width; divisible by 2 ** (len(ch_mult) - 1).
         num_channels: image channels.
         num_classes: optional class conditioning (``class_embedding``, needs ``conditional``).
+        learn_sigma: output 2 num_channels channels (the network's output and the reverse
+            variance interpolation v of Improved DDPM; see ``models.get_score_fn``).
     """
 
     def __init__(self, *, nf: int = 128, ch_mult=(1, 2, 2, 2), num_res_blocks: int = 4,
@@ -202,7 +204,8 @@ class NCSNpp(nn.Module):
                  progressive_combine: str = "sum", attention_type: str = "ddpm",
                  init_scale: float = 0.0, embedding_type: str = "fourier",
                  fourier_scale: float = 16.0, conv_size: int = 3, image_size: int = 32,
-                 num_channels: int = 3, num_classes: int | None = None):
+                 num_channels: int = 3, num_classes: int | None = None,
+                 learn_sigma: bool = False):
         super().__init__()
         options = dict(resblock_type=resblock_type.lower(), progressive=progressive.lower(),
                        progressive_input=progressive_input.lower(),
@@ -231,6 +234,8 @@ class NCSNpp(nn.Module):
         self.conditional, self.skip_rescale = conditional, skip_rescale
         self.fir, self.fir_kernel = fir, tuple(fir_kernel)
         self.image_size, self.num_channels = image_size, num_channels
+        self.learn_sigma = bool(learn_sigma)
+        self.out_channels = num_channels * (2 if learn_sigma else 1)
         self.num_resolutions = len(ch_mult)
         self._dropout, self._init_scale = dropout, init_scale
         self._resamp_with_conv = resamp_with_conv
@@ -304,7 +309,7 @@ class NCSNpp(nn.Module):
 
     def _decoder_modules(self, modules: list[nn.Module], skip_ch: list[int]) -> None:
         """Append the upsampling path, the output pyramid and the output head."""
-        nf, C = self.nf, self.num_channels
+        nf, C = self.nf, self.out_channels
         in_ch, pyramid_ch = skip_ch[-1], 0
         for level in reversed(range(self.num_resolutions)):
             modules += up_level_modules(self._resnet, self._attn, in_ch, nf * self.ch_mult[level],

@@ -33,6 +33,14 @@ Discrete levels off the time grid t_i = i T / (N - 1) (``continuous=False``;
   DDPM checkpoint: with the same weights they agree to ~1e-15 in float64 (their float32 std
   table moves the VP scores by up to ~3e-6; tests/test_ddpm_unet.py).
 
+Learned variances (Improved DDPM, Nichol & Dhariwal 2021, Sec. 3.1): a network built with
+``learn_sigma`` outputs twice the channels, [out, r] along dim 1. With
+``learned_variance=True`` the score comes from ``out`` as above, and
+``score_fn.score_and_variance(x, t, class_labels=None)`` also returns the interpolation
+v = (r + 1) / 2 of the reverse variance, Sigma = exp(v log beta_t + (1 - v) log beta~_t)
+(their eq. 15 with improved-diffusion's map of r in [-1, 1] to v in [0, 1]; the step
+variances themselves are the sampler's: samplers.vlb.learned_variances).
+
 Both agree on the grid points whose product t (N - 1) is exact; off the grid they differ by
 ~1e-2 relative for VP. Continuous conditioning
 (``continuous=True``) is the official one: 999 t for VP / sub-VP, sigma(t) for VE.
@@ -98,7 +106,7 @@ def _check_discrete(sde: SDE) -> None:
 
 def get_score_fn(sde: SDE, model: Callable, continuous: bool = True, *,
                  scale_by_sigma: bool = False, center_input: bool = False,
-                 discrete_labels: str = "nearest") -> Callable:
+                 discrete_labels: str = "nearest", learned_variance: bool = False) -> Callable:
     """Wrap ``model(x, cond[, class_labels])`` as ``score_fn(x, t, class_labels=None)``.
 
     Args:
@@ -112,14 +120,19 @@ def get_score_fn(sde: SDE, model: Callable, continuous: bool = True, *,
             "nearest" (default; the nearest level) or "score_sde" (the official Score SDE
             convention: VP label t (N - 1), std at floor(t (N - 1))); see the module
             docstring. Ignored with ``continuous=True``.
+        learned_variance: the model outputs (B, 2 C, ...) = [out, r] (``learn_sigma``); the
+            score uses ``out`` and ``score_fn.score_and_variance`` returns (score, v (B, C,
+            ...)) with v = (r + 1) / 2 (module docstring).
     Returns:
         score_fn(x (B, ...), t (B,) or scalar in [eps, T], class_labels=None) -> score like x,
         in x's dtype. The model's train/eval mode is left as the caller set it.
+        ``score_fn.learned_variance`` says whether it has ``score_and_variance``.
     """
     check_bool("continuous", continuous)
     check_bool("scale_by_sigma", scale_by_sigma)
     check_bool("center_input", center_input)
     check_choice("discrete_labels", discrete_labels, DISCRETE_LABELS)
+    check_bool("learned_variance", learned_variance)
     sigma_conditioned = _sigma_conditioned(sde)
     if not continuous:
         _check_discrete(sde)
@@ -131,15 +144,38 @@ def get_score_fn(sde: SDE, model: Callable, continuous: bool = True, *,
     else:
         level = _nearest_level if discrete_labels == "nearest" else _score_sde_level
 
-    def score_fn(x: torch.Tensor, t, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def score_and_output(x: torch.Tensor, t, class_labels):
+        """(score like x, the network's raw output)."""
         t = batch_time(t, x)
         std, cond = level(sde, t, sigma_conditioned)
         cond = cond if cond.dtype == torch.long else cond.to(x.dtype)
         h = 2 * x - 1 if center_input else x
-        out = model(h, cond) if class_labels is None else model(h, cond, class_labels)
+        raw = model(h, cond) if class_labels is None else model(h, cond, class_labels)
+        out = _split_learned(raw, x)[0] if learned_variance else raw
         std = append_dims(std.to(x.dtype), x.ndim)
         if sigma_conditioned:
-            return out / std if scale_by_sigma else out
-        return -out / std
+            return (out / std if scale_by_sigma else out), raw
+        return -out / std, raw
 
+    def score_fn(x: torch.Tensor, t, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return score_and_output(x, t, class_labels)[0]
+
+    def score_and_variance(x: torch.Tensor, t, class_labels: torch.Tensor | None = None):
+        """(score (B, ...), v (B, ...) in x's dtype): the variance interpolation v = (r + 1) / 2."""
+        score, raw = score_and_output(x, t, class_labels)
+        return score, (_split_learned(raw, x)[1] + 1) / 2
+
+    score_fn.learned_variance = learned_variance
+    if learned_variance:
+        score_fn.score_and_variance = score_and_variance
     return score_fn
+
+
+def _split_learned(raw: torch.Tensor, x: torch.Tensor):
+    """[out, r] halves of a learned-variance output (B, 2 C, ...) for x (B, C, ...)."""
+    if raw.shape[1] != 2 * x.shape[1] or raw.shape[2:] != x.shape[2:]:
+        raise ValueError(f"learned_variance=True needs a network output of shape (B, "
+                         f"{2 * x.shape[1]}, ...) for x of shape {tuple(x.shape)}, got "
+                         f"{tuple(raw.shape)}: build the network with learn_sigma=True "
+                         "(config.model.learn_sigma)")
+    return raw.chunk(2, dim=1)

@@ -99,11 +99,18 @@ def _num_classes(config):
     return classes + 1 if null_label(config) is not None else classes
 
 
+def learn_sigma(config) -> bool:
+    """config.model.learn_sigma (default False): the network also outputs the reverse
+    variance interpolation of Improved DDPM (MLP, DDPM and NCSN++ networks)."""
+    return bool(config.model.get("learn_sigma", False))
+
+
 def _mlp_arguments(config) -> dict:
     m = config.model
     return dict(data_shape=data_shape(config), hidden_dim=m.hidden_dim, num_blocks=m.num_blocks,
                 embedding_type=m.embedding_type, embedding_dim=m.embedding_dim,
-                fourier_scale=m.fourier_scale, num_classes=_num_classes(config))
+                fourier_scale=m.fourier_scale, num_classes=_num_classes(config),
+                learn_sigma=learn_sigma(config))
 
 
 def _ddpm_arguments(config) -> dict:
@@ -112,7 +119,7 @@ def _ddpm_arguments(config) -> dict:
                 attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
                 resamp_with_conv=m.resamp_with_conv, conditional=m.conditional,
                 image_size=d.image_size, num_channels=d.num_channels,
-                num_classes=_num_classes(config))
+                num_classes=_num_classes(config), learn_sigma=learn_sigma(config))
 
 
 def _ncsnpp_arguments(config) -> dict:
@@ -165,6 +172,9 @@ def build_model(config) -> torch.nn.Module:
     name = str(_group(config, "model").get("name", ""))
     sde_lib.check_choice("config.model.name", name, MODEL_ARGUMENTS)
     model_name, arguments_of = MODEL_ARGUMENTS[name]
+    if learn_sigma(config) and model_name in ("ncsn", "ncsnv2"):
+        raise ValueError(f"config.model.learn_sigma: {name} has no variance head; use model "
+                         "ddpm, ncsnpp or mlp, or set config.model.learn_sigma=False")
     return models.build_model(model_name, **arguments_of(config))
 
 
@@ -178,7 +188,7 @@ def build_score_fn(config, sde: sde_lib.SDE, model, *,
     return models.get_score_fn(sde, model, continuous=config.training.get("continuous", True),
                                scale_by_sigma=bool(config.model.get("scale_by_sigma", False)),
                                center_input=not bool(config.data.get("centered", True)),
-                               discrete_labels=labels)
+                               discrete_labels=labels, learned_variance=learn_sigma(config))
 
 
 # ----------------------------------------------------------------------------- the sampler
