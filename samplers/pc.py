@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from sde_lib import SDE, append_dims, check_bool, check_choice, check_int, check_real
+from sde_lib.chain import posterior_coefficients
 
 from .harness import Harness, SampleResult, Schedule, check_eps, time_grid
 
@@ -79,19 +80,10 @@ def reverse_diffusion(run: Harness, plan: PCPlan, x, k: int):
 
 
 def ancestral_coefficients(sde: SDE, levels: torch.Tensor):
-    """Per level i of the chain x_i = a_i x_{i-1} + b_i z with marginals (alpha_i, std_i): the
-    posterior q(x_{i-1} | x_i, x_0) = N(c_0 x_0 + c_x x_i, v) with c_0 = alpha_{i-1} b_i^2 /
-    std_i^2, c_x = a_i std_{i-1}^2 / std_i^2, v = std_{i-1}^2 b_i^2 / std_i^2 (level -1 is the
-    data: alpha = 1, std = 0). Returns (alpha_i, std_i, c_0, c_x, sqrt(v)), (n,) float64 each."""
-    alpha, std = sde.discrete_marginal_coeffs(levels)
-    alpha_prev, std_prev = sde.discrete_marginal_coeffs((levels - 1).clamp(min=0))
-    first = levels == 0
-    alpha_prev = torch.where(first, torch.ones_like(alpha_prev), alpha_prev)
-    std_prev = torch.where(first, torch.zeros_like(std_prev), std_prev)
-    a = alpha / alpha_prev
-    b2 = std ** 2 - a ** 2 * std_prev ** 2
-    return (alpha, std, alpha_prev * b2 / std ** 2, a * std_prev ** 2 / std ** 2,
-            torch.sqrt(std_prev ** 2 * b2 / std ** 2))
+    """Per level i of the chain: (alpha_i, std_i, c_0, c_x, sqrt(v)) of the posterior
+    q(x_{i-1} | x_i, x_0) = N(c_0 x_0 + c_x x_i, v), (n,) float64 each
+    (``sde_lib.chain.posterior_coefficients``)."""
+    return posterior_coefficients(sde, levels)
 
 
 def ancestral_sampling(run: Harness, plan: PCPlan, x, k: int):

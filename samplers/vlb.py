@@ -13,14 +13,19 @@ data. The bound on -log p(x0) is
 q(x_{i-1} | x_i, x0) = N(c0_i x0 + cx_i x_i, v_i I) (samplers.pc.ancestral_coefficients), and
 the model's reverse step puts the data prediction x0_hat (Tweedie, from the score) in its
 place: p(x_{i-1} | x_i) = N(c0_i x0_hat + cx_i x_i, Sigma_i I). The reverse variance Sigma_i
-is 'small' (v_i, DDPM's beta~), 'large' (the step's forward variance, DDPM's beta) or
+is 'small' (v_i, DDPM's beta~), 'large' (the step's forward variance, DDPM's beta),
 'analytic' (Bao et al. 2022, Analytic-DPM: v_i + c0_i^2 E Var[x0 | x_i], the optimum for the
 data-prediction mean, E Var[x0 | x_i] estimated from the score model on data by
-``expected_posterior_variance``). At level 0, v_0 = 0: 'small' and 'large' use v_1
-there, as Improved DDPM clips it.
+``expected_posterior_variance``) or 'learned' (Improved DDPM: the network's interpolation
+v between log beta_i and log beta~_i, per element; ``score_fn`` then returns (score, v), as
+``score_fn.score_and_variance`` of models.get_score_fn does). At level 0, v_0 = 0: 'small'
+and 'large' use v_1 there, as Improved DDPM clips it.
 
 The network sees level i at the time the PC sampler pairs with it (Score SDE's convention):
-t_i = eps + i (T - eps) / (N - 1) (``level_times``). Each L_i is one network evaluation at
+t_i = eps + i (T - eps) / (N - 1) (``level_times``, level_time='grid', for networks on
+continuous time), or at t_i = i T / (N - 1) (level_time='index': the time the discrete losses
+train level i at, for networks conditioned on discrete levels, which the grid's times would
+round to level i + 1 in the lower half of the chain). Each L_i is one network evaluation at
 x_i ~ q(x_i | x0) (a Monte Carlo estimate of the KL's expectation), so the whole bound costs N - 1 + 1 evaluations per image; ``num_levels`` = K
 evaluates a uniform random subset of the KL terms, weighted (N - 1) / K: unbiased.
 """
@@ -33,16 +38,21 @@ from typing import Callable
 import torch
 
 from sde_lib import SDE
-from sde_lib.utils import append_dims
+from sde_lib.chain import (check_chain, discretized_gaussian_log_likelihood, gaussian_kl,
+                           gaussian_log_likelihood, learned_log_variance, variance_bounds)
+from sde_lib.utils import check_choice
 
 from .harness import Schedule, progress_bar, time_grid
 from .pc import ancestral_coefficients
 
-__all__ = ["VLBResult", "VARIANCES", "DECODERS", "ESTIMATORS", "level_times", "vlb", "reverse_variances",
-           "expected_posterior_variance", "discretized_gaussian_log_likelihood"]
+__all__ = ["VLBResult", "VARIANCES", "DECODERS", "ESTIMATORS", "LEVEL_TIMES", "level_times",
+           "chain_times", "vlb", "reverse_variances", "expected_posterior_variance",
+           "discretized_gaussian_log_likelihood"]
 
-#: The reverse-step variances of ``reverse_variances``.
-VARIANCES = ("small", "large", "analytic")
+#: The reverse-step variances: fixed ('small', 'large'), Analytic-DPM's, or the network's.
+VARIANCES = ("small", "large", "analytic", "learned")
+#: Which time the network is asked about a chain level at (``chain_times``).
+LEVEL_TIMES = ("grid", "index")
 #: The decoders of L_0: 8-bit data, or continuous data (the exactness tests).
 DECODERS = ("discretized", "gaussian")
 
@@ -78,11 +88,17 @@ def level_times(sde: SDE, eps: float = 1e-3) -> torch.Tensor:
     return time_grid(sde, sde.N, eps).flip(0)
 
 
+def chain_times(sde: SDE, eps: float = 1e-3, level_time: str = "grid") -> torch.Tensor:
+    """(N,) float64: the time of each chain level: ``level_times`` ('grid') or i T / (N - 1)
+    ('index', the discrete losses' times; module docstring)."""
+    check_choice("level_time", level_time, LEVEL_TIMES)
+    if level_time == "index":
+        return sde.index_time(torch.arange(sde.N))
+    return level_times(sde, eps)
+
+
 def _check_chain(sde: SDE) -> None:
-    if not getattr(sde, "has_discrete_chain", False):
-        raise ValueError(f"{type(sde).__name__} has no discrete chain, so it has no variational "
-                         "bound: use the ODE likelihood (samplers.log_likelihood), or an SDE with "
-                         "a chain (VP / VE with N steps)")
+    check_chain(sde, "the variational bound (or use the ODE likelihood, samplers.log_likelihood)")
 
 
 def reverse_variances(sde: SDE, variance: str = "small",
@@ -92,9 +108,12 @@ def reverse_variances(sde: SDE, variance: str = "small",
     'small': v_i, the posterior variance (beta~_i for DDPM), v_0 := v_1 (Improved DDPM's clip);
     'large': the step's forward variance (beta_i for DDPM), level 0 := v_1 as well;
     'analytic': v_i + c0_i^2 E Var[x0 | x_i] with ``posterior_x0_variance`` (N,) from
-    ``expected_posterior_variance`` (Analytic-DPM; the optimum for this mean)."""
+    ``expected_posterior_variance`` (Analytic-DPM; the optimum for this mean).
+    'learned' has no fixed values (the network's, per element): NaN."""
     if variance not in VARIANCES:
         raise ValueError(f"unknown reverse variance {variance!r}; valid: {', '.join(VARIANCES)}")
+    if variance == "learned":
+        return torch.full((sde.N,), math.nan, dtype=torch.float64)
     levels = torch.arange(sde.N)
     alpha, std, c0, _, noise_std = ancestral_coefficients(sde, levels)
     v = noise_std ** 2
@@ -119,6 +138,7 @@ ESTIMATORS = ("mse", "score_norm")
 @torch.no_grad()
 def expected_posterior_variance(score_fn: Callable, sde: SDE, data: torch.Tensor, *,
                                 estimator: str = "mse", eps: float = 1e-3,
+                                level_time: str = "grid",
                                 generator: torch.Generator | None = None,
                                 batch_size: int = 0, progress: bool = False) -> torch.Tensor:
     """E Var[x0 | x_i] per dimension (N,) float64 for every level, estimated on ``data``
@@ -136,7 +156,7 @@ def expected_posterior_variance(score_fn: Callable, sde: SDE, data: torch.Tensor
         raise ValueError(f"unknown estimator {estimator!r}; valid: {', '.join(ESTIMATORS)}")
     levels = torch.arange(sde.N)
     alpha, std = sde.discrete_marginal_coeffs(levels)
-    times = level_times(sde, eps)
+    times = chain_times(sde, eps, level_time)
     dim = data[0].numel()
     batch_size = batch_size or len(data)
     mean_square = torch.zeros(sde.N, dtype=torch.float64)
@@ -148,7 +168,7 @@ def expected_posterior_variance(score_fn: Callable, sde: SDE, data: torch.Tensor
                 x0 = data[first:first + batch_size]
                 x = _perturb(x0, alpha[i], std[i], generator)
                 t = torch.full((len(x0),), float(times[i]), device=x0.device, dtype=x0.dtype)
-                score = score_fn(x, t)
+                score = _score_only(score_fn(x, t))
                 if estimator == "mse":
                     x0_hat = Schedule.tweedie(x, score, float(alpha[i]), float(std[i]))
                     total += (x0 - x0_hat).double().flatten(1).pow(2).sum().item()
@@ -163,48 +183,22 @@ def expected_posterior_variance(score_fn: Callable, sde: SDE, data: torch.Tensor
     return estimate.clamp(min=0.0).minimum(ratio)
 
 
+def _score_only(output):
+    """The score of a score_fn's output (a learned-variance network's (score, v) too)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def _perturb(x0, alpha, std, generator):
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     return x0 * float(alpha) + noise * float(std)
 
 
-def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
-def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                                        *, bin_width: float, low: float = -1.0,
-                                        high: float = 1.0) -> torch.Tensor:
-    """log P(x) per element of a Gaussian N(mean, std^2) integrated over the bin [x - w/2,
-    x + w/2] of 8-bit data (Ho et al. 2020, eq. 13), the outermost bins extended to -inf /
-    +inf; x on the grid low, low + w, ..., high. Shapes broadcast; float64 inside."""
-    x, mean, std = x.double(), mean.double(), std.double()
-    upper = (x - mean + bin_width / 2) / std
-    lower = (x - mean - bin_width / 2) / std
-    cdf_upper = torch.where(x >= high - bin_width / 2, torch.ones_like(upper),
-                            _approx_standard_normal_cdf(upper))
-    cdf_lower = torch.where(x <= low + bin_width / 2, torch.zeros_like(lower),
-                            _approx_standard_normal_cdf(lower))
-    mass = (cdf_upper - cdf_lower).clamp(min=1e-300)
-    # far in a tail the difference of CDFs underflows: use the density times the bin width
-    centre = (x - mean) / std
-    log_density = -0.5 * centre ** 2 - 0.5 * math.log(2 * math.pi) - torch.log(std) \
-        + math.log(bin_width)
-    return torch.where(mass > 1e-12, torch.log(mass), log_density)
-
-
-def _gaussian_kl(mean_q, var_q, mean_p, var_p) -> torch.Tensor:
-    """KL(N(mean_q, var_q) || N(mean_p, var_p)) summed over the event dims -> (B,)."""
-    d = mean_q.double() - mean_p.double()
-    elementwise = 0.5 * (torch.log(var_p / var_q) + var_q / var_p - 1.0 + d ** 2 / var_p)
-    return elementwise.flatten(1).sum(1)
-
-
 def _prior_term(sde, x0, alpha, std) -> torch.Tensor:
-    prior_var = float(getattr(sde, "prior_std", 1.0)) ** 2
+    prior_log_var = 2 * math.log(float(getattr(sde, "prior_std", 1.0)))
     mean = x0.double() * float(alpha)
-    return _gaussian_kl(mean, torch.tensor(float(std) ** 2, dtype=torch.float64),
-                        torch.zeros_like(mean), torch.tensor(prior_var, dtype=torch.float64))
+    kl = gaussian_kl(mean, torch.tensor(2 * math.log(float(std)), dtype=torch.float64),
+                     torch.zeros_like(mean), torch.tensor(prior_log_var, dtype=torch.float64))
+    return kl.flatten(1).sum(1)
 
 
 def _levels(sde, num_levels: int | None, generator, device) -> tuple[torch.Tensor, float]:
@@ -221,7 +215,7 @@ def _levels(sde, num_levels: int | None, generator, device) -> tuple[torch.Tenso
 def vlb(score_fn: Callable, sde: SDE, x0: torch.Tensor, *, variance: str = "small",
         posterior_x0_variance: torch.Tensor | None = None, decoder: str = "discretized",
         bin_width: float = 2.0 / 255.0, data_range: tuple[float, float] = (-1.0, 1.0),
-        num_levels: int | None = None, eps: float = 1e-3,
+        num_levels: int | None = None, eps: float = 1e-3, level_time: str = "grid",
         generator: torch.Generator | None = None, progress: bool = False) -> VLBResult:
     """The variational bound of the model ``score_fn`` on ``sde``'s discrete chain at data
     x0 (B, ...) in the model's space.
@@ -236,33 +230,34 @@ def vlb(score_fn: Callable, sde: SDE, x0: torch.Tensor, *, variance: str = "smal
     _check_chain(sde)
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; valid: {', '.join(DECODERS)}")
+    check_choice("variance", variance, VARIANCES)
     variances = reverse_variances(sde, variance, posterior_x0_variance)
     levels, weight = _levels(sde, num_levels, generator, x0.device)
     all_levels = torch.arange(sde.N)
     alpha, std, c0, cx, noise_std = ancestral_coefficients(sde, all_levels)
     batch = x0.shape[0]
-    denoise = _denoiser(score_fn, level_times(sde, eps))
+    denoise = _denoiser(score_fn, chain_times(sde, eps, level_time), variance, variances,
+                        variance_bounds(sde) if variance == "learned" else None)
     kl = torch.zeros(batch, len(levels), dtype=torch.float64, device=x0.device)
     bar = progress_bar(len(levels) + 1, progress, "VLB", unit="level")
     try:
         for k, i in enumerate(levels.tolist()):
             x = _perturb(x0, alpha[i], std[i], generator)
-            x0_hat = denoise(x, i, alpha[i], std[i])
-            posterior_var = torch.tensor(float(noise_std[i]) ** 2, dtype=torch.float64)
-            model_var = variances[i].to(torch.float64)
+            x0_hat, model_log_var = denoise(x, i, alpha[i], std[i])
+            posterior_log_var = torch.tensor(2 * math.log(float(noise_std[i])),
+                                             dtype=torch.float64)
             # the means differ by c0_i (x0 - x0_hat): the same x_i term cancels
-            kl[:, k] = _gaussian_kl(x0 * float(c0[i]), posterior_var,
-                                    x0_hat * float(c0[i]), model_var)
+            kl[:, k] = gaussian_kl(x0.double() * float(c0[i]), posterior_log_var,
+                                   x0_hat * float(c0[i]), model_log_var).flatten(1).sum(1)
             bar.update(1)
         x = _perturb(x0, alpha[0], std[0], generator)
-        x0_hat = denoise(x, 0, alpha[0], std[0])
-        scale = torch.sqrt(variances[0]).to(torch.float64)
+        x0_hat, model_log_var = denoise(x, 0, alpha[0], std[0])
+        scale = torch.exp(0.5 * model_log_var)
         if decoder == "discretized":
             log_p = discretized_gaussian_log_likelihood(x0, x0_hat, scale, bin_width=bin_width,
                                                         low=data_range[0], high=data_range[1])
         else:
-            log_p = (-0.5 * ((x0.double() - x0_hat.double()) / scale) ** 2
-                     - torch.log(scale) - 0.5 * math.log(2 * math.pi))
+            log_p = gaussian_log_likelihood(x0.double(), x0_hat, scale)
         decoder_nats = -log_p.flatten(1).sum(1)
         bar.update(1)
     finally:
@@ -275,10 +270,21 @@ def vlb(score_fn: Callable, sde: SDE, x0: torch.Tensor, *, variance: str = "smal
                      nfe=len(levels) + 1, variances=variances)
 
 
-def _denoiser(score_fn, times: torch.Tensor):
-    """x0_hat(x, level i): Tweedie's E[x0 | x_i] with the chain's alpha_i, std_i and the score
-    at the level's time ``times[i]``."""
+def _denoiser(score_fn, times: torch.Tensor, variance: str, variances: torch.Tensor, bounds):
+    """(x, level i) -> (x0_hat float64, the model's log variance float64: 0-d, or per element
+    for 'learned'): Tweedie's E[x0 | x_i] with the chain's alpha_i, std_i and the score at
+    the level's time ``times[i]``."""
     def denoise(x, i, alpha, std):
         t = torch.full((x.shape[0],), float(times[i]), device=x.device, dtype=x.dtype)
-        return Schedule.tweedie(x, score_fn(x, t), float(alpha), float(std))
+        output = score_fn(x, t)
+        if variance == "learned":
+            if not isinstance(output, tuple):
+                raise ValueError("variance='learned' needs score_fn(x, t) -> (score, v): pass "
+                                 "the learned-variance network's score_fn.score_and_variance")
+            score, v = output
+            level = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+            log_var = learned_log_variance(bounds, level, v.double())
+        else:
+            score, log_var = _score_only(output), torch.log(variances[i].double())
+        return Schedule.tweedie(x, score, float(alpha), float(std)).double(), log_var
     return denoise
