@@ -29,6 +29,7 @@ from .likelihood import (PROBE_NOISES, TRACE_ESTIMATORS, BitsPerDimResult, Likel
                          bits_per_dim, log_likelihood)
 from .ode import ODE_METHODS, check_ode_options, ode_sample
 from .pc import CORRECTORS, PREDICTORS, check_pc_options, pc_sample
+from .respaced import RESPACINGS, check_respaced_options, respaced_sample
 from .vlb import VARIANCES, VLBResult, expected_posterior_variance, reverse_variances, vlb
 
 __all__ = ["SampleResult", "SAMPLERS", "Sampler", "Harness", "Schedule", "SchedulePoint",
@@ -40,7 +41,8 @@ __all__ = ["SampleResult", "SAMPLERS", "Sampler", "Harness", "Schedule", "Schedu
            "smc_sample", "pigdm_score", "Replacement", "INVERSE_METHODS", "KNOWN_NOISE",
            "LinearOperator", "Inpainting", "Colorization", "SuperResolution",
            "classifier_free_guidance", "classifier_guidance", "dynamic_thresholding",
-           "vlb", "VLBResult", "VARIANCES", "reverse_variances", "expected_posterior_variance"]
+           "vlb", "VLBResult", "VARIANCES", "reverse_variances", "expected_posterior_variance",
+           "respaced_sample", "RESPACINGS"]
 
 #: The samplers by name (main.py --sampler, config.sampling.<name>).
 SAMPLERS = {
@@ -51,4 +53,5 @@ SAMPLERS = {
     "dpm_solver": Sampler(dpm_solver_sample, check_dpm_solver_options),
     "edm": Sampler(edm_sample, check_edm_options),
     "dpm_adaptive": Sampler(dpm_solver_adaptive_sample, check_dpm_adaptive_options),
+    "respaced": Sampler(respaced_sample, check_respaced_options),
 }

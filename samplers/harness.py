@@ -82,14 +82,16 @@ class CountingScore:
         self.nfe = 0
         self.last = None
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        score = self.score_fn(x, t)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor):
+        output = self.score_fn(x, t)
+        # a learned-variance network's score_and_variance returns (score, v)
+        score = output[0] if isinstance(output, tuple) else output
         if self.nfe == 0 and score.shape != x.shape:
             raise ValueError(f"score_fn returned shape {tuple(score.shape)} for x of shape "
                              f"{tuple(x.shape)}; it must return a tensor shaped like x")
         self.nfe += 1
         self.last = (x, t, score)
-        return score
+        return output
 
 
 # ----- the schedule view --------------------------------------------------------------------

@@ -10,10 +10,14 @@ beta'_k = 1 - alpha_bar_{s_k} / alpha_bar_{s_{k-1}}). Each step draws from
                    cx = a std_p^2 / std_s^2,         v = std_p^2 b^2 / std_s^2,
 
 the posterior q(x_p | x_s, x0) with x0_hat (Tweedie) in place of x0, and Sigma = v ('small',
-beta~), b^2 ('large', beta), or v + c0^2 E Var[x0 | x_s] ('analytic', Bao et al. 2022; the
-estimate ``posterior_x0_variance`` (N,) of samplers.vlb.expected_posterior_variance). The
-last step (from s_0 to the data) returns x0_hat, as Improved DDPM's sampler returns the mean.
-The network sees level s at the PC grid's time (samplers.vlb.level_times).
+beta~), b^2 ('large', beta), v + c0^2 E Var[x0 | x_s] ('analytic', Bao et al. 2022; the
+estimate ``posterior_x0_variance`` (N,) of samplers.vlb.expected_posterior_variance), or
+exp(u log b^2 + (1 - u) log v) with the network's interpolation u ('learned', Improved DDPM:
+the learned range moves to the respaced step's beta' and beta~'; ``score_fn`` returns (score,
+u), a learned-variance network's ``score_fn.score_and_variance``). The last step (from s_0
+to the data) returns x0_hat, as Improved DDPM's sampler returns the mean. The network sees
+level s at the PC grid's time (``level_time='grid'``) or at s T / (N - 1) ('index', for
+networks on discrete levels; samplers.vlb.chain_times).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from sde_lib import SDE
 from sde_lib.utils import check_choice, check_int
 
 from .harness import DATA_POINT, Harness, SampleResult, SchedulePoint, check_eps
-from .vlb import VARIANCES, level_times
+from .vlb import LEVEL_TIMES, VARIANCES, chain_times
 
 __all__ = ["respaced_levels", "respaced_sample", "check_respaced_options", "RESPACINGS"]
 
@@ -50,7 +54,7 @@ def respaced_levels(sde: SDE, num_steps: int, spacing: str = "uniform") -> torch
 
 
 def check_respaced_options(sde: SDE, *, num_steps=50, variance="small", spacing="uniform",
-                           eps=1e-3, posterior_x0_variance=None) -> None:
+                           eps=1e-3, level_time="grid", posterior_x0_variance=None) -> None:
     """ValueError naming the first bad option of ``respaced_sample``."""
     if not getattr(sde, "has_discrete_chain", False):
         raise ValueError(f"{type(sde).__name__} has no discrete chain to respace: use another "
@@ -58,11 +62,9 @@ def check_respaced_options(sde: SDE, *, num_steps=50, variance="small", spacing=
     check_int("num_steps", num_steps, 2, sde.N)
     check_choice("variance", variance, VARIANCES)
     check_choice("spacing", spacing, RESPACINGS)
+    check_choice("level_time", level_time, LEVEL_TIMES)
     check_eps(sde, eps)
-    if variance == "analytic":
-        if posterior_x0_variance is None:
-            raise ValueError("variance='analytic' needs posterior_x0_variance (N,) from "
-                             "samplers.vlb.expected_posterior_variance")
+    if variance == "analytic" and posterior_x0_variance is not None:
         if len(posterior_x0_variance) != sde.N:
             raise ValueError(f"posterior_x0_variance has {len(posterior_x0_variance)} entries; "
                              f"the chain has N = {sde.N} levels")
@@ -70,7 +72,7 @@ def check_respaced_options(sde: SDE, *, num_steps=50, variance="small", spacing=
 
 def _step_coefficients(sde, levels, variance, posterior_x0_variance):
     """Per respaced step k (from levels[k] to levels[k-1], k = K-1..1): (alpha_s, std_s, c0,
-    cx, sqrt(Sigma)) host floats."""
+    cx, sqrt(Sigma) or, for 'learned', (log b^2, log v)) host floats."""
     alpha, std = sde.discrete_marginal_coeffs(levels)
     steps = {}
     for k in range(len(levels) - 1, 0, -1):
@@ -82,6 +84,9 @@ def _step_coefficients(sde, levels, variance, posterior_x0_variance):
             sigma2 = v
         elif variance == "large":
             sigma2 = b2
+        elif variance == "learned":
+            steps[k] = (a_s, s_s, c0, cx, (math.log(b2), math.log(v)))
+            continue
         else:
             sigma2 = v + c0 ** 2 * float(posterior_x0_variance[int(levels[k])])
         steps[k] = (a_s, s_s, c0, cx, math.sqrt(sigma2))
@@ -91,7 +96,7 @@ def _step_coefficients(sde, levels, variance, posterior_x0_variance):
 def respaced_sample(score_fn: Callable, sde: SDE, shape,
                     posterior_x0_variance: torch.Tensor | None = None, *, num_steps: int = 50,
                     variance: str = "small", spacing: str = "uniform", eps: float = 1e-3,
-                    **harness_options) -> SampleResult:
+                    level_time: str = "grid", **harness_options) -> SampleResult:
     """Ancestral sampling on ``num_steps`` levels of the chain (module docstring): K - 1
     ancestral steps from x_{N-1} ~ prior, then x0_hat at level s_0; K network evaluations.
 
@@ -99,17 +104,23 @@ def respaced_sample(score_fn: Callable, sde: SDE, shape,
         score_fn, sde, shape: as every sampler; the SDE must have a discrete chain.
         posterior_x0_variance: (N,) E Var[x0 | x_i] for variance='analytic' (not a registry
             option: run_lib or the caller estimates it, samplers.vlb.expected_posterior_variance).
-        num_steps: K levels (2..N). variance: 'small' | 'large' | 'analytic'.
+        num_steps: K levels (2..N). variance: 'small' | 'large' | 'analytic' | 'learned'
+            ('learned': score_fn(x, t) returns (score, u); module docstring).
         spacing: 'uniform' in level index (Improved DDPM) or 'logsnr'.
-        eps: the time of level 0 (the PC grid's). posterior_x0_variance: (N,) for 'analytic'.
+        eps, level_time: the network's time of each level (samplers.vlb.chain_times).
         harness_options: generator, device, dtype, x_init, progress, callback, projection.
 
     Returns: SampleResult(x, nfe = K).
     """
     check_respaced_options(sde, num_steps=num_steps, variance=variance, spacing=spacing,
-                           eps=eps, posterior_x0_variance=posterior_x0_variance)
+                           eps=eps, level_time=level_time,
+                           posterior_x0_variance=posterior_x0_variance)
+    if variance == "analytic" and posterior_x0_variance is None:
+        raise ValueError("variance='analytic' needs posterior_x0_variance (N,) from "
+                         "samplers.vlb.expected_posterior_variance (main.py estimates it on "
+                         "config.eval.vlb_analytic_samples training images)")
     levels = respaced_levels(sde, num_steps, spacing)
-    times = level_times(sde, eps)[levels]
+    times = chain_times(sde, eps, level_time)[levels]
     steps, alpha_0, std_0 = _step_coefficients(sde, levels, variance, posterior_x0_variance)
     alphas, stds = (v.tolist() for v in sde.discrete_marginal_coeffs(levels))
     with Harness(score_fn, sde, shape, name="respaced", total=len(levels), **harness_options) as run:
@@ -117,13 +128,28 @@ def respaced_sample(score_fn: Callable, sde: SDE, shape,
         batch_times = run.batch_times(times)
         for k in range(len(levels) - 1, 0, -1):
             a_s, s_s, c0, cx, noise_std = steps[k]
-            score = run.schedule.score(x, batch_times[k])
+            score, noise_std = _score_and_noise_std(run, x, batch_times[k], noise_std)
             x0_hat = (x + score * s_s ** 2) / a_s              # Tweedie at level s_k
             x = x0_hat * c0 + x * cx + run.noise(x) * noise_std
             a_p, s_p = alphas[k - 1], stds[k - 1]
             point = SchedulePoint(float(times[k - 1]), a_p, s_p, math.log(a_p / s_p))
             x = run.step(len(levels) - 1 - k, x, point, denoised=x0_hat)
-        score = run.schedule.score(x, batch_times[0])
+        score, _ = _score_and_noise_std(run, x, batch_times[0], 0.0)
         x = (x + score * std_0 ** 2) / alpha_0
         x = run.step(len(levels) - 1, x, DATA_POINT, denoised=x)
         return run.result(x)
+
+
+def _score_and_noise_std(run: Harness, x: torch.Tensor, t: torch.Tensor, noise_std):
+    """(score, the step's noise std): a float, or for 'learned' (log b^2, log v) and the
+    network's u: exp((u log b^2 + (1 - u) log v) / 2) per element."""
+    output = run.counter(x, t)
+    if not isinstance(noise_std, tuple):
+        return (output[0] if isinstance(output, tuple) else output).to(x.dtype), noise_std
+    if not isinstance(output, tuple):
+        raise ValueError("variance='learned' needs score_fn(x, t) -> (score, u): pass a "
+                         "learned-variance network's score_fn.score_and_variance "
+                         "(config.model.learn_sigma)")
+    score, u = output
+    log_large, log_small = noise_std
+    return score.to(x.dtype), torch.exp(0.5 * (u.to(x.dtype) * (log_large - log_small) + log_small))

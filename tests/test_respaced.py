@@ -63,7 +63,14 @@ def test_levels_and_options():
     assert torch.equal(respaced_levels(sde, 1000), torch.arange(1000))
     with pytest.raises(ValueError, match="no discrete chain"):
         check_respaced_options(sde_lib.subVPSDE())
+    check_respaced_options(sde, variance="analytic")     # the registry's check: no estimate yet
     with pytest.raises(ValueError, match="posterior_x0_variance"):
-        check_respaced_options(sde, variance="analytic")
+        respaced_sample(lambda x, t: -x, sde, (2, 3), variance="analytic")
+    with pytest.raises(ValueError, match="posterior_x0_variance has 3 entries"):
+        check_respaced_options(sde, variance="analytic", posterior_x0_variance=torch.ones(3))
+    with pytest.raises(ValueError, match="level_time"):
+        check_respaced_options(sde, level_time="middle")
+    with pytest.raises(ValueError, match="learned"):
+        respaced_sample(lambda x, t: -x, sde, (2, 3), variance="learned", num_steps=3)
     with pytest.raises(ValueError, match="num_steps"):
         check_respaced_options(sde, num_steps=1001)
