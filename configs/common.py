@@ -57,9 +57,10 @@ def eval_group(*, likelihood_samples: int, batch_size: int, trace: str,
         trace=trace, probes=1, ode_method="dopri5", rtol=1e-5, atol=1e-5,
         num_steps=ml_collections.config_dict.placeholder(int),
         # the variational bound next to the ODE (SDEs with a discrete chain; samplers.vlb):
-        # reverse variance small | large | analytic (estimated on vlb_analytic_samples
-        # training images), vlb_levels KL terms (0: all N - 1; else an unbiased subset)
-        vlb=True, vlb_variance="small", vlb_levels=0, vlb_analytic_samples=100,
+        # reverse variance auto (learned with model.learn_sigma, else small) | small | large |
+        # analytic (estimated on vlb_analytic_samples training images) | learned, vlb_levels
+        # KL terms (0: all N - 1; else an unbiased subset)
+        vlb=True, vlb_variance="auto", vlb_levels=0, vlb_analytic_samples=100,
         num_samples=num_samples, sample_batch=sample_batch, use_ema=True, features="auto",
         inception_path="", ref_stats="", ref_split="train", ref_features=50_000,
         feature_batch=250, kid_subsets=100, kid_subset_size=1000, is_splits=10, pr_k=3,

@@ -30,7 +30,8 @@ import sde_lib
 __all__ = ["build_sde", "build_model", "build_score_fn", "build_loss_fn", "data_shape",
            "sampler_options", "sample", "MODEL_ARGUMENTS", "null_label", "CLASSIFIER_KEYS",
            "classifier_arguments", "build_classifier", "sde_metadata", "GUIDANCE",
-           "guidance_method", "label_classes", "sampling_labels", "guided_score_fn"]
+           "guidance_method", "label_classes", "sampling_labels", "guided_score_fn",
+           "learn_sigma", "level_time", "respaced_call"]
 
 
 def _group(config, name: str):
@@ -63,11 +64,18 @@ def build_sde(config) -> sde_lib.SDE:
 
 def build_loss_fn(config, sde: sde_lib.SDE):
     """``sde_lib.get_loss_fn`` with config.training's continuous, reduce_mean,
-    likelihood_weighting, importance_sampling and eps."""
+    likelihood_weighting, importance_sampling, eps and Improved DDPM's loss ('simple',
+    'hybrid', 'vlb'), vlb_weight and level_importance; the 8-bit decoder's bins follow
+    config.data.centered."""
     training = _group(config, "training")
     options = {key: training[key] for key in
-               ("continuous", "reduce_mean", "likelihood_weighting", "importance_sampling", "eps")
+               ("continuous", "reduce_mean", "likelihood_weighting", "importance_sampling", "eps",
+                "loss", "vlb_weight", "level_importance")
                if key in training}
+    if options.get("loss", "simple") != "simple":
+        centered = bool(config.data.get("centered", True))
+        options.update(bin_width=(2.0 if centered else 1.0) / 255.0,
+                       data_range=(-1.0, 1.0) if centered else (0.0, 1.0))
     return sde_lib.get_loss_fn(sde, **options)
 
 
@@ -205,12 +213,40 @@ def sampler_options(config, method: str | None = None) -> tuple[str, dict]:
 
 
 def sample(config, score_fn: Callable, sde: sde_lib.SDE, shape, *, method: str | None = None,
+           posterior_x0_variance: torch.Tensor | None = None,
            **harness_options) -> samplers.SampleResult:
     """Sample with the sampler ``method`` (default config.sampling.method) and its options
     from config.sampling.<method>; ``harness_options`` are generator, device, dtype, x_init,
-    progress and callback."""
+    progress and callback. The respaced sampler also gets (``respaced_call``) the network's
+    level times, the learned variance and ``posterior_x0_variance`` (N,) for 'analytic'."""
     name, options = sampler_options(config, method)
+    if name == "respaced":
+        score_fn, options = respaced_call(config, score_fn, options)
+        return samplers.SAMPLERS[name].fn(score_fn, sde, shape, posterior_x0_variance,
+                                          **options, **harness_options)
     return samplers.SAMPLERS[name].fn(score_fn, sde, shape, **options, **harness_options)
+
+
+def level_time(config) -> str:
+    """The time a network is asked about chain level i at (samplers.vlb.chain_times): 'index'
+    (i T / (N - 1), where the discrete losses train it) for config.training.continuous False,
+    else 'grid' (the PC grid's time)."""
+    return "grid" if bool(config.training.get("continuous", True)) else "index"
+
+
+def respaced_call(config, score_fn: Callable, options: dict) -> tuple[Callable, dict]:
+    """(score_fn, options) for the respaced sampler: level_time defaults to ``level_time``;
+    variance='learned' takes the network's (score, v) (``score_fn.score_and_variance``)."""
+    options = dict(options)
+    options.setdefault("level_time", level_time(config))
+    if options.get("variance") == "learned":
+        if not hasattr(score_fn, "score_and_variance"):
+            raise ValueError("config.sampling.respaced.variance='learned' needs a network with a "
+                             "variance head (config.model.learn_sigma=True) sampled without "
+                             "guidance or thresholding; use variance 'small', 'large' or "
+                             "'analytic' for this model")
+        score_fn = score_fn.score_and_variance
+    return score_fn, options
 
 
 # ----------------------------------------------------------------------------- the classifier
@@ -357,6 +393,15 @@ def _bind_labels(score_fn, labels, x, t):
     return score_fn(x, t, labels)
 
 
+def _bound_labels(score_fn, labels):
+    """score_fn(x, t) with ``labels`` bound; a learned-variance network's
+    ``score_and_variance`` is bound too."""
+    bound = partial(_bind_labels, score_fn, labels)
+    if hasattr(score_fn, "score_and_variance"):
+        bound.score_and_variance = partial(_bind_labels, score_fn.score_and_variance, labels)
+    return bound
+
+
 def guided_score_fn(config, sde: sde_lib.SDE, score_fn: Callable, labels,
                     logits_fn: Callable | None = None) -> Callable:
     """The score_fn(x (B, ...), t (B,)) -> (B, ...) that the samplers get, from the model's
@@ -385,7 +430,7 @@ def guided_score_fn(config, sde: sde_lib.SDE, score_fn: Callable, labels,
             score_fn, logits_fn, labels, scale, score_labels="class" if classes else None,
             num_classes=label_classes(config, classifier=True))
     else:
-        guided = score_fn if labels is None else partial(_bind_labels, score_fn, labels)
+        guided = score_fn if labels is None else _bound_labels(score_fn, labels)
     if bool(s.get("thresholding", False)):
         guided = samplers.dynamic_thresholding(guided, sde,
                                                float(s.get("thresholding_percentile", 0.995)))

@@ -63,6 +63,29 @@ class LoadedRun:
     def __init__(self, model, score_fn, sde, step: int, num_classes: int):
         self.model, self.score_fn, self.sde = model, score_fn, sde
         self.step, self.num_classes = step, num_classes
+        self._posterior_x0_variance = None
+
+    def posterior_x0_variance(self, config, device, progress: bool = False) -> torch.Tensor:
+        """E Var[x0 | x_i] (N,) of Analytic-DPM (samplers.expected_posterior_variance), estimated
+        once on the first config.eval.vlb_analytic_samples training images (seeded)."""
+        if self._posterior_x0_variance is None:
+            train = build_dataset(config, "train")
+            count = int(config.eval.get("vlb_analytic_samples", 100))
+            data = preprocess(train.images[:count], centered=bool(config.data.centered)).to(device)
+            generator = torch.Generator(device=device).manual_seed(int(config.seed) + LIKELIHOOD_SEED)
+            self._posterior_x0_variance = samplers.expected_posterior_variance(
+                self.score_fn, self.sde, data, generator=generator,
+                level_time=compose.level_time(config),
+                batch_size=int(config.eval.get("batch_size", 0) or 0), progress=progress)
+        return self._posterior_x0_variance
+
+    def sampler_extras(self, config, method: str, device, progress: bool = False) -> dict:
+        """What compose.sample needs beyond the config: Analytic-DPM's estimate for
+        ``--sampler respaced`` with variance 'analytic'."""
+        _, options = compose.sampler_options(config, method)
+        if method == "respaced" and options.get("variance") == "analytic":
+            return {"posterior_x0_variance": self.posterior_x0_variance(config, device, progress)}
+        return {}
 
     def score_for_labels(self, labels: torch.Tensor | None):
         """score_fn(x, t) for the samplers; class-conditional runs get ``labels`` (B,)."""
@@ -163,6 +186,7 @@ def draw_samples(config, run: LoadedRun, method: str, *, device, progress: bool 
     labels = compose.sampling_labels(config, n, classifier=logits_fn is not None,
                                      device=device)    # one per sample, across calls
     parts, nfe = [], 0
+    extras = run.sampler_extras(config, method, device, progress)
     start = time.perf_counter()
     for first in range(0, n, batch_size):
         size = min(batch_size, n - first)
@@ -170,7 +194,7 @@ def draw_samples(config, run: LoadedRun, method: str, *, device, progress: bool 
             config, run.sde, run.score_fn,
             None if labels is None else labels[first:first + size], logits_fn)
         result = compose.sample(config, score_fn, run.sde, (size, *shape), method=method,
-                                generator=generator, device=device, progress=progress)
+                                generator=generator, device=device, progress=progress, **extras)
         parts.append(result.x.detach().cpu())
         nfe = max(nfe, int(result.nfe))
     if torch.device(device).type == "cuda":
@@ -397,18 +421,18 @@ def _image_likelihood(config, run: LoadedRun, test, device, progress: bool) -> d
 
 
 def _vlb_variances(config, run: LoadedRun, device, progress: bool):
-    """(variance kind, E Var[x0 | x_i] or None) of config.eval.vlb_variance; 'analytic'
-    estimates it on the first config.eval.vlb_analytic_samples training images."""
-    kind = str(config.eval.get("vlb_variance", "small"))
+    """(variance kind, E Var[x0 | x_i] or None) of config.eval.vlb_variance ('learned' by
+    default for a network with a variance head, else 'small'); 'analytic' estimates it on
+    the first config.eval.vlb_analytic_samples training images."""
+    kind = str(config.eval.get("vlb_variance", "auto") or "auto")
+    if kind == "auto":
+        kind = "learned" if compose.learn_sigma(config) else "small"
+    if kind == "learned" and not compose.learn_sigma(config):
+        raise ValueError("config.eval.vlb_variance='learned' needs a network with a variance "
+                         "head (config.model.learn_sigma=True); use small, large or analytic")
     if kind != "analytic":
         return kind, None
-    train = build_dataset(config, "train")
-    count = int(config.eval.get("vlb_analytic_samples", 100))
-    data = preprocess(train.images[:count], centered=bool(config.data.centered)).to(device)
-    generator = torch.Generator(device=device).manual_seed(int(config.seed) + LIKELIHOOD_SEED)
-    return kind, samplers.expected_posterior_variance(
-        run.score_fn, run.sde, data, generator=generator,
-        batch_size=int(config.eval.get("batch_size", 0) or 0), progress=progress)
+    return kind, run.posterior_x0_variance(config, device, progress)
 
 
 def _image_vlb(config, run: LoadedRun, test, device, progress: bool) -> dict:
@@ -423,9 +447,12 @@ def _image_vlb(config, run: LoadedRun, test, device, progress: bool) -> dict:
     levels = int(config.eval.get("vlb_levels", 0)) or None
     dim = images[0].numel()
 
+    score_fn = run.score_fn.score_and_variance if kind == "learned" else run.score_fn
+
     def compute(batch, cond):
-        result = samplers.vlb(run.score_for_labels(cond if run.num_classes else None), run.sde,
-                              batch, variance=kind, posterior_x0_variance=x0_variance,
+        result = samplers.vlb(with_class_labels(score_fn, cond if run.num_classes else None),
+                              run.sde, batch, variance=kind, posterior_x0_variance=x0_variance,
+                              level_time=compose.level_time(config),
                               bin_width=(2.0 if centered else 1.0) / 255.0,
                               data_range=(-1.0, 1.0) if centered else (0.0, 1.0),
                               num_levels=levels, generator=generator, progress=progress)

@@ -258,9 +258,11 @@ def _draw_chunk(config, run, method, k: int, size: int, labels, logits_fn, devic
     """uint8 images (size, C, H, W), NFE and seconds of chunk k."""
     generator = torch.Generator(device=device).manual_seed(chunk_seed(config.seed, k))
     score_fn = compose.guided_score_fn(config, run.sde, run.score_fn, labels, logits_fn)
+    extras = run.sampler_extras(config, method, device)      # estimated once per run
     start = time.perf_counter()
     result = compose.sample(config, score_fn, run.sde, (size, *compose.data_shape(config)),
-                            method=method, generator=generator, device=device, progress=False)
+                            method=method, generator=generator, device=device, progress=False,
+                            **extras)
     images = to_uint8(result.x, centered=bool(config.data.centered))
     return images, int(result.nfe), time.perf_counter() - start
 

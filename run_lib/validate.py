@@ -223,7 +223,9 @@ GROUPS: dict[str, dict[str, Check]] = {
         "hidden_dim": integer(1), "num_blocks": integer(1), "embedding_dim": integer(2),
         # NCSN / NCSNv2 (the constructors check the names against their lists)
         "normalization": text, "nonlinearity": text, "interpolation": text,
-        "variant": optional(text)},
+        "variant": optional(text),
+        # Improved DDPM's variance head: 2 C output channels (mlp, ddpm, ncsnpp)
+        "learn_sigma": boolean},
     "training": {
         "n_iters": integer(1), "batch_size": integer(1), "continuous": boolean,
         "reduce_mean": boolean, "likelihood_weighting": boolean, "importance_sampling": boolean,
@@ -231,7 +233,9 @@ GROUPS: dict[str, dict[str, Check]] = {
         "mixed_precision": choice(_mixed_precision_modes), "sample_freq": integer(0),
         "num_grid_samples": integer(1), "grid_sampler": choice(samplers.SAMPLERS),
         "eval_freq": integer(0), "eval_batches": integer(1), "snapshot_freq": integer(1),
-        "snapshot_freq_for_preemption": integer(1), "p_uncond": fraction},
+        "snapshot_freq_for_preemption": integer(1), "p_uncond": fraction,
+        # Improved DDPM: the objective, lambda of the hybrid loss, importance-sampled levels
+        "loss": choice(sde_lib.LOSSES), "vlb_weight": real(0.0), "level_importance": boolean},
     "optim": {
         "lr": real(0.0, strict=True), "beta1": fraction, "eps": real(0.0, strict=True),
         "weight_decay": real(0.0), "warmup": integer(0),
@@ -248,7 +252,7 @@ GROUPS: dict[str, dict[str, Check]] = {
         "probes": integer(1), "ode_method": choice(ODE_METHODS), "rtol": real(0.0, strict=True),
         "atol": real(0.0, strict=True), "num_steps": optional(integer(1)),
         "score_error_samples": integer(1), "score_error_eps": real(0.0, strict=True),
-        "vlb": boolean, "vlb_variance": choice(samplers.VARIANCES), "vlb_levels": integer(0),
+        "vlb": boolean, "vlb_variance": choice(("auto",) + samplers.VARIANCES), "vlb_levels": integer(0),
         "vlb_analytic_samples": integer(1),
         # sample quality (--mode eval / ref_stats; run_lib.quality)
         "num_samples": integer(2), "sample_batch": integer(1), "use_ema": boolean,
@@ -554,6 +558,10 @@ def _check_network(config, sde) -> None:
         compose.build_loss_fn(config, sde)
     except ValueError as error:
         raise _named("config.training", config.training.keys(), error) from None
+    loss = config.training.get("loss", "simple")
+    if loss != "simple" and not compose.learn_sigma(config):
+        raise ConfigError(f"config.training.loss={loss!r} (Improved DDPM) trains a variance head: "
+                          "set config.model.learn_sigma=True, or use loss='simple'")
     try:
         with torch.device("meta"):
             model = compose.build_model(config)

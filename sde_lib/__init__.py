@@ -10,8 +10,8 @@ Plain arguments only: building from a config is run_lib.compose's job.
 """
 from __future__ import annotations
 
-from .losses import (classifier_losses, discrete_dsm_losses, dsm_losses, get_classifier_loss_fn,
-                     get_loss_fn, sample_time)
+from .losses import (LOSSES, LossAwareLevels, classifier_losses, discrete_dsm_losses, dsm_losses,
+                     get_classifier_loss_fn, get_loss_fn, learned_variance_losses, sample_time)
 from .mixtures import (TOY_DISTRIBUTIONS, GaussianMixture, eight_mode_mixture, spread_gaussian,
                        toy_distribution)
 from .schedules import CosineVPSDE, LinearLogSNRVPSDE, VPScheduleSDE, betas_for_alpha_bar
@@ -23,7 +23,7 @@ __all__ = [
     "SDE", "VPSDE", "subVPSDE", "VESDE", "SDES", "build_sde", "reverse_drift",
     "VPScheduleSDE", "CosineVPSDE", "LinearLogSNRVPSDE", "betas_for_alpha_bar",
     "dsm_losses", "discrete_dsm_losses", "get_loss_fn", "sample_time", "classifier_losses",
-    "get_classifier_loss_fn",
+    "get_classifier_loss_fn", "LOSSES", "LossAwareLevels", "learned_variance_losses",
     "GaussianMixture", "eight_mode_mixture", "spread_gaussian", "toy_distribution",
     "TOY_DISTRIBUTIONS", "append_dims", "batch_time", "SCHEDULE_DTYPE",
     "check_int", "check_real", "check_choice", "check_bool", "check_time",
