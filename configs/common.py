@@ -20,6 +20,10 @@ def training_group(*, n_iters: int, batch_size: int, log_freq: int) -> ml_collec
         likelihood_weighting=False, importance_sampling=False, eps=1e-5, log_freq=log_freq,
         # run_lib.train: 'no' | 'bf16' (autocast of the network forward; fp32 weights and loss)
         mixed_precision="no",
+        # gradient accumulation: each process's share batch_size / W of the global batch runs
+        # in equal micro-batches of at most batch_per_device rows, one optimizer step per
+        # global batch (same result up to float rounding); 0: the whole share at once
+        batch_per_device=0,
         # sample grids with the EMA weights every sample_freq steps (0: off), fast sampler
         sample_freq=10000, num_grid_samples=64, grid_sampler="dpm_solver",
         # test loss of the EMA weights every eval_freq steps (0: off) on eval_batches batches

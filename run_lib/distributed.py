@@ -9,9 +9,19 @@ are all-gathered, so every rank evaluates the DSM loss of the whole global batch
 same times and noise as a single process (drawn from the same seeded generator; cheap next
 to the network). The training curve therefore does not depend on the number of processes
 (up to float summation order; dropout masks and random flips, drawn per rank, excepted).
+
+Gradient accumulation (config.training.batch_per_device) splits the global batch into K
+equal blocks of consecutive rows, block k = rows [k B/K, (k+1) B/K); as rank r owns rows
+r, r + W, ..., its share of block k is its own k-th micro-batch of B/(W K) rows. One
+optimizer step evaluates the loss of the whole global batch K times with the same draws
+(``NetworkForward.micro_batch``): pass k runs the network on block k only, with gradient,
+and fills the other rows with the detached outputs of the blocks already done (zeros for
+those still to come), so pass k's backward gives block k's share of the full-batch
+gradient, the K shares sum to it, and the last pass's loss is the full-batch loss.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -22,7 +32,7 @@ import torch.distributed as dist
 from .utils import pick_device
 
 __all__ = ["DistContext", "init_distributed", "NetworkForward", "interleave_into_global",
-           "rng_state", "set_rng_state"]
+           "micro_batches", "rng_state", "set_rng_state"]
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +82,35 @@ class NetworkForward:
     batch: this rank runs ``net`` on rows rank, rank + W, ... only, and the other ranks'
     outputs are all-gathered (without gradient) into their rows, so every rank sees the
     output of the whole batch; gradients flow through this rank's rows only.
+
+    Inside ``micro_batch(k, K)`` the network runs on block k of K equal blocks of rows only
+    (see the module docstring): the outputs of the blocks before k are the detached ones of
+    the earlier passes, those after k are zeros.
     """
 
     def __init__(self, net, *, amp_dtype: torch.dtype | None = None, rank: int = 0,
                  world_size: int = 1):
         self.net, self.amp_dtype, self.rank, self.world_size = net, amp_dtype, rank, world_size
+        self._block: tuple[int, int] | None = None     # (k, K) inside micro_batch
+        self._done: list[list[torch.Tensor]] = []      # per call of a pass: blocks 0..k-1
+        self._call = 0
+
+    @contextlib.contextmanager
+    def micro_batch(self, k: int, num: int):
+        """The calls inside run the network on block ``k`` of ``num`` (one pass of an
+        optimizer step; the passes k = 0, 1, ..., num - 1 in order, each calling the network
+        the same number of times). ``num`` = 1 is the plain forward."""
+        if not 0 <= k < num:
+            raise ValueError(f"micro-batch {k} of {num}")
+        if k == 0:
+            self._done = []
+        self._block, self._call = (k, num), 0
+        try:
+            yield
+        finally:
+            self._block = None
+            if k == num - 1:
+                self._done = []
 
     def _run(self, *inputs):
         device_type = inputs[0].device.type
@@ -85,7 +119,9 @@ class NetworkForward:
             out = self.net(*inputs)
         return out.float()
 
-    def __call__(self, x, cond, *labels):
+    def _global(self, x, cond, *labels):
+        """The network's output for the global batch (or block) x, this rank's rows with
+        gradient and the others all-gathered."""
         if self.world_size == 1:
             return self._run(x, cond, *labels).to(x.dtype)
         r, w = self.rank, self.world_size
@@ -95,6 +131,48 @@ class NetworkForward:
         parts[r] = own
         # rows of rank r are r, r + W, ...: interleave (W, B/W, ...) -> (B/W, W, ...) -> (B, ...)
         return torch.stack(parts, dim=1).reshape(x.shape[:1] + own.shape[1:]).to(x.dtype)
+
+    def __call__(self, x, cond, *labels):
+        if self._block is None or self._block[1] == 1:
+            return self._global(x, cond, *labels)
+        (k, num), batch = self._block, x.shape[0]
+        if batch % (num * self.world_size):
+            raise ValueError(f"a batch of {batch} rows does not split into {num} micro-batches "
+                             f"on {self.world_size} processes")
+        size = batch // num
+        out = self._global(*(v[k * size:(k + 1) * size] for v in (x, cond, *labels)))
+        if k == 0:
+            self._done.append([])
+        done = self._done[self._call]
+        self._call += 1
+        rest = out.new_zeros((batch - (k + 1) * size,) + tuple(out.shape[1:]))
+        full = torch.cat([*done, out, rest])
+        done.append(out.detach())
+        return full
+
+
+def micro_batches(batch_size: int, batch_per_device, world_size: int) -> int:
+    """K, the micro-batches of one optimizer step: each process's share S = batch_size / W of
+    the global batch in K = ceil(S / batch_per_device) equal micro-batches of S / K <=
+    batch_per_device rows; 1 when batch_per_device is 0 or None. A ValueError names both
+    numbers and the fix when S / K is not a whole number (or S is not)."""
+    batch_size, world_size = int(batch_size), int(world_size)
+    if batch_size % world_size:
+        raise ValueError(f"config.training.batch_size={batch_size} (the global batch) is not "
+                         f"divisible by the {world_size} processes; use a multiple of "
+                         f"{world_size}")
+    share, most = batch_size // world_size, int(batch_per_device or 0)
+    if most < 0:
+        raise ValueError(f"config.training.batch_per_device={most} must be >= 0 (0: the "
+                         f"whole per-process batch of {share} at once)")
+    num = -(-share // most) if most else 1
+    if share % num:
+        fits = max(d for d in range(1, most + 1) if share % d == 0)
+        raise ValueError(f"config.training.batch_per_device={most} splits the per-process "
+                         f"batch of {share} (config.training.batch_size={batch_size} over "
+                         f"{world_size} processes) into {num} unequal micro-batches; use a "
+                         f"divisor of {share} such as {fits}")
+    return num
 
 
 def interleave_into_global(local: torch.Tensor, ctx: DistContext) -> torch.Tensor:

@@ -35,6 +35,18 @@ scatter plot of 2-D points.
 Mixed precision (config.training.mixed_precision='bf16'): torch.autocast in bfloat16 around
 the network's forward only; the weights, the optimizer and the loss stay float32.
 
+Gradient accumulation (config.training.batch_per_device > 0): config.training.batch_size
+stays the global batch of one optimizer step; each process runs its share of it in K equal
+micro-batches of at most batch_per_device rows (run_lib.distributed.micro_batches). The
+step's loss is evaluated K times with the same times, noise, label drops and levels (the
+noise generator, and a stateful loss's level sampler, are rewound before each pass), the
+network running on one micro-batch per pass (NetworkForward.micro_batch); only the last
+pass, which sees every row's output, updates the level sampler. The gradients of the K
+passes add up to the full batch's, so the run equals the one-micro-batch run up to float
+rounding (dropout masks excepted); then one clipping, one Adam step, one EMA update: the
+step count, the learning-rate schedule and the EMA count optimizer steps. Under DDP the
+first K - 1 backward passes run in no_sync(): one gradient all-reduce per optimizer step.
+
 Several processes (torchrun, WORLD_SIZE > 1): see run_lib.distributed. Rank 0 alone writes
 logs, TensorBoard, config.json, sample pictures and checkpoints; all ranks resume from the
 same checkpoint.
@@ -42,6 +54,7 @@ same checkpoint.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import itertools
 import json
@@ -59,7 +72,8 @@ from samplers.harness import progress_bar
 from . import compose
 from .checkpoints import checkpoint_dir, load_latest, read_checkpoint
 from .datasets import build_dataset
-from .distributed import DistContext, NetworkForward, init_distributed, interleave_into_global
+from .distributed import (DistContext, NetworkForward, init_distributed, interleave_into_global,
+                          micro_batches)
 from .evaluate import balanced_labels, with_class_labels
 from .exact import relative_score_error
 from .images import picture, save_png
@@ -137,7 +151,11 @@ class Objective:
     The network is wrapped in DistributedDataParallel with several ranks and run through
     NetworkForward (bf16 autocast, all-gather of the ranks' rows); ``loss(x, labels,
     generator)`` takes this rank's rows (B/W, ...) and returns the 0-d loss of the global
-    batch. ``grad_scale`` = W undoes DDP's average over ranks of per-rank gradients."""
+    batch. ``grad_scale`` = W undoes DDP's average over ranks of per-rank gradients.
+
+    ``micro_batches`` = K (config.training.batch_per_device); inside ``micro_batch(k)`` the
+    loss runs the network on micro-batch k only (NetworkForward.micro_batch), and under DDP
+    outside the last one without the gradient all-reduce (DistributedDataParallel.no_sync)."""
 
     def __init__(self, config, sde, model, ctx: DistContext, device: torch.device):
         net = model
@@ -146,6 +164,10 @@ class Objective:
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         forward = NetworkForward(net, amp_dtype=MIXED_PRECISION[config.training.mixed_precision],
                                  rank=ctx.rank, world_size=ctx.world_size)
+        self.net, self.forward = net, forward
+        self.micro_batches = micro_batches(config.training.batch_size,
+                                           config.training.get("batch_per_device"),
+                                           ctx.world_size)
         self.score_fn = compose.build_score_fn(config, sde, forward)
         self.loss_fn = compose.build_loss_fn(config, sde)
         self.conditional = bool(config.model.get("num_classes"))
@@ -155,6 +177,30 @@ class Objective:
         self.grad_scale = float(ctx.world_size)
         self.grad_clip = float(config.optim.grad_clip)
         self.found_inf = torch.zeros((), device=device)
+
+    @contextlib.contextmanager
+    def micro_batch(self, k: int):
+        """Pass k of the K of one optimizer step (see the class docstring)."""
+        last = k == self.micro_batches - 1
+        sync = (self.net.no_sync() if not last and self.ctx.world_size > 1
+                else contextlib.nullcontext())
+        with sync, self.forward.micro_batch(k, self.micro_batches):
+            yield
+
+    def rewind_point(self, generator: torch.Generator):
+        """A function that puts back what the step's loss draws from and changes: the state
+        of ``generator`` and of the loss's level sampler (loss-aware level sampling,
+        sde_lib.LossAwareLevels: its history, updated by every loss call), as they are now.
+        Copied on the device: no host synchronisation."""
+        draws = generator.get_state()
+        sampler = getattr(self.loss_fn, "level_sampler", None)
+        kept = None if sampler is None else copy.deepcopy(vars(sampler))
+
+        def rewind() -> None:
+            generator.set_state(draws)
+            if sampler is not None:
+                vars(sampler).update(copy.deepcopy(kept))
+        return rewind
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
         labels = interleave_into_global(labels, self.ctx) if self.conditional else None
@@ -176,15 +222,22 @@ class StepStats(NamedTuple):
 def train_step(state: TrainState, x: torch.Tensor, labels: torch.Tensor,
                objective: Objective) -> StepStats:
     """One optimizer step on this rank's rows x (B/W, ...) and labels (B/W,): learning rate
-    ``lr_at(step)``, DSM loss, backward, gradient clipping at config.optim.grad_clip, Adam
-    (skipped on the device when the loss or gradient norm is not finite), EMA update,
-    step + 1. Reads nothing back to the host."""
+    ``lr_at(step)``, DSM loss, backward (K = objective.micro_batches passes over the same
+    draws, gradients accumulated: see the module docstring), gradient clipping at
+    config.optim.grad_clip, Adam (skipped on the device when the loss or gradient norm is
+    not finite), EMA update, step + 1. Reads nothing back to the host."""
     lr = lr_at(state.step, objective.config)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    loss = objective.loss(x, labels, state.noise_gen)
     state.optimizer.zero_grad(set_to_none=True)
-    (loss * objective.grad_scale if objective.grad_scale != 1 else loss).backward()
+    num = objective.micro_batches
+    rewind = objective.rewind_point(state.noise_gen) if num > 1 else None
+    for k in range(num):
+        if k:
+            rewind()        # every pass: the step's times, noise, label drops and levels
+        with objective.micro_batch(k):
+            loss = objective.loss(x, labels, state.noise_gen)
+            (loss * objective.grad_scale if objective.grad_scale != 1 else loss).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), objective.grad_clip)
     bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
     objective.found_inf.copy_(bad)
@@ -465,18 +518,17 @@ class ScheduledActions:
 
 # ----------------------------------------------------------------------------- the loop
 
-def _check_config(config, ctx: DistContext) -> None:
+def _check_config(config, ctx: DistContext) -> int:
+    """Raise a ValueError for settings the loop cannot run; return the micro-batch count."""
     tcfg = config.training
     if tcfg.mixed_precision not in MIXED_PRECISION:
         raise ValueError(f"config.training.mixed_precision={tcfg.mixed_precision!r}; valid: "
                          f"{', '.join(MIXED_PRECISION)}")
-    if int(tcfg.batch_size) % ctx.world_size:
-        raise ValueError(f"config.training.batch_size={tcfg.batch_size} (the global batch) is "
-                         f"not divisible by the {ctx.world_size} processes; use a multiple of "
-                         f"{ctx.world_size}")
+    num = micro_batches(tcfg.batch_size, tcfg.get("batch_per_device"), ctx.world_size)
     if int(tcfg.sample_freq) > 0 and tcfg.grid_sampler not in samplers.SAMPLERS:
         raise ValueError(f"config.training.grid_sampler={tcfg.grid_sampler!r}; valid: "
                          f"{', '.join(samplers.SAMPLERS)}")
+    return num
 
 
 def _resume(state: TrainState, workdir, config) -> None:
@@ -521,7 +573,7 @@ def train(config, workdir, *, progress: bool = True) -> dict:
 
 def _run(config, workdir: Path, ctx: DistContext, device: torch.device, progress: bool) -> dict:
     """The loop of ``train`` in this process."""
-    _check_config(config, ctx)
+    num_micro = _check_config(config, ctx)
     dataset = build_dataset(config, "train")
     sde = compose.build_sde(config)
     state = build_train_state(config, device, ctx)
@@ -529,6 +581,11 @@ def _run(config, workdir: Path, ctx: DistContext, device: torch.device, progress
     batches = batches_forever(dataset, config, state.step, device, ctx)   # checks the batch size
     if ctx.is_main:
         write_config(config, workdir)
+        if num_micro > 1:
+            share = int(config.training.batch_size) // ctx.world_size
+            log.info("gradient accumulation: %d micro-batches of %d rows per process and "
+                     "optimizer step (global batch %d)", num_micro, share // num_micro,
+                     int(config.training.batch_size))
     # DDP after the resume: its first broadcast waits for every rank to have read the
     # checkpoint, so rank 0 cannot overwrite it before.
     objective = Objective(config, sde, state.model, ctx, device)

@@ -46,6 +46,7 @@ from sde_lib import check_bool, check_int, check_real, check_time
 
 from . import compose
 from .datasets import NATIVE_SHAPE, dataset_names
+from .distributed import micro_batches
 
 __all__ = ["ConfigError", "validate_config", "load_config_file", "check_override_key",
            "check_workdir", "check_checkpoint_file", "OLD_KEYS", "GROUPS", "MODES"]
@@ -225,7 +226,9 @@ GROUPS: dict[str, dict[str, Check]] = {
         "normalization": text, "nonlinearity": text, "interpolation": text,
         "variant": optional(text),
         # Improved DDPM's variance head: 2 C output channels (mlp, ddpm, ncsnpp)
-        "learn_sigma": boolean},
+        "learn_sigma": boolean,
+        # activation checkpointing of the residual / attention blocks (DDPM, NCSN++, NCSN*)
+        "checkpointing": boolean},
     "training": {
         "n_iters": integer(1), "batch_size": integer(1), "continuous": boolean,
         "reduce_mean": boolean, "likelihood_weighting": boolean, "importance_sampling": boolean,
@@ -235,7 +238,8 @@ GROUPS: dict[str, dict[str, Check]] = {
         "eval_freq": integer(0), "eval_batches": integer(1), "snapshot_freq": integer(1),
         "snapshot_freq_for_preemption": integer(1), "p_uncond": fraction,
         # Improved DDPM: the objective, lambda of the hybrid loss, importance-sampled levels
-        "loss": choice(sde_lib.LOSSES), "vlb_weight": real(0.0), "level_importance": boolean},
+        "loss": choice(sde_lib.LOSSES), "vlb_weight": real(0.0), "level_importance": boolean,
+        "batch_per_device": optional(integer(0))},
     "optim": {
         "lr": real(0.0, strict=True), "beta1": fraction, "eps": real(0.0, strict=True),
         "weight_decay": real(0.0), "warmup": integer(0),
@@ -519,9 +523,10 @@ def _check_data(config) -> None:
 
 def _check_batch(config) -> None:
     batch, world = int(config.training.batch_size), int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if batch % world:
-        raise ConfigError(f"config.training.batch_size={batch} (the global batch) is not "
-                          f"divisible by the {world} processes; use a multiple of {world}")
+    try:
+        micro_batches(batch, config.training.get("batch_per_device"), world)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     size = _train_size(config)
     if size is not None and batch > size:
         raise ConfigError(f"config.training.batch_size={batch} is larger than the training "
@@ -562,6 +567,9 @@ def _check_network(config, sde) -> None:
     if loss != "simple" and not compose.learn_sigma(config):
         raise ConfigError(f"config.training.loss={loss!r} (Improved DDPM) trains a variance head: "
                           "set config.model.learn_sigma=True, or use loss='simple'")
+    if config.model.get("checkpointing") and config.model.get("name") == "mlp":
+        raise ConfigError("config.model.checkpointing=True: the mlp has no residual blocks to "
+                          "checkpoint (ddpm, ncsnpp, ncsn, ncsnv2 have); set it to False")
     try:
         with torch.device("meta"):
             model = compose.build_model(config)
