@@ -24,12 +24,14 @@ from .harness import Harness, SampleResult, Sampler, Schedule, SchedulePoint
 from .inverse import KNOWN_NOISE, METHODS as INVERSE_METHODS
 from .inverse import (Replacement, colorize, inpaint, pigdm_score, smc_sample,
                       solve_inverse_problem, super_resolve)
+from .ipndm import check_ipndm_options, ipndm_sample
 from .operators import Colorization, Inpainting, LinearOperator, SuperResolution
 from .likelihood import (PROBE_NOISES, TRACE_ESTIMATORS, BitsPerDimResult, LikelihoodResult,
                          bits_per_dim, log_likelihood)
 from .ode import ODE_METHODS, check_ode_options, ode_sample
 from .pc import CORRECTORS, PREDICTORS, check_pc_options, pc_sample
 from .respaced import RESPACINGS, check_respaced_options, respaced_sample
+from .unipc import UNIPC_ALGORITHMS, UNIPC_VARIANTS, check_unipc_options, unipc_sample
 from .vlb import VARIANCES, VLBResult, expected_posterior_variance, reverse_variances, vlb
 
 __all__ = ["SampleResult", "SAMPLERS", "Sampler", "Harness", "Schedule", "SchedulePoint",
@@ -42,7 +44,8 @@ __all__ = ["SampleResult", "SAMPLERS", "Sampler", "Harness", "Schedule", "Schedu
            "LinearOperator", "Inpainting", "Colorization", "SuperResolution",
            "classifier_free_guidance", "classifier_guidance", "dynamic_thresholding",
            "vlb", "VLBResult", "VARIANCES", "reverse_variances", "expected_posterior_variance",
-           "respaced_sample", "RESPACINGS"]
+           "respaced_sample", "RESPACINGS",
+           "unipc_sample", "UNIPC_VARIANTS", "UNIPC_ALGORITHMS", "ipndm_sample"]
 
 #: The samplers by name (main.py --sampler, config.sampling.<name>).
 SAMPLERS = {
@@ -54,4 +57,6 @@ SAMPLERS = {
     "edm": Sampler(edm_sample, check_edm_options),
     "dpm_adaptive": Sampler(dpm_solver_adaptive_sample, check_dpm_adaptive_options),
     "respaced": Sampler(respaced_sample, check_respaced_options),
+    "unipc": Sampler(unipc_sample, check_unipc_options),
+    "ipndm": Sampler(ipndm_sample, check_ipndm_options),
 }

@@ -106,7 +106,7 @@ def test_x_init_replaces_the_prior_draw(name):
     b = samplers.SAMPLERS[name](score, sde, (5, 3), x_init=x_T.clone(),
                                 generator=torch.Generator().manual_seed(6),
                                 **quick_options(name))
-    if name in ("ode", "ddim", "dpm_solver", "edm", "dpm_adaptive"):
+    if name in ("ode", "ddim", "dpm_solver", "edm", "dpm_adaptive", "unipc", "ipndm"):
         torch.testing.assert_close(a.x, b.x, rtol=0, atol=0)
     assert b.nfe == score.calls
 
@@ -169,12 +169,14 @@ def test_registry_options_name_unknown_options_and_keep_defaults():
 #: stds 0.05-1.0), measured with the registry defaults (pc: N = 1000 levels; ald: NCSN's
 #: 10 levels 1 -> 0.01, 100 steps each), for VP / sub-VP / VE:
 #:   pc 0.96 / 0.76 / 0.74, ald (VE) 1.18, ode 1.20 / 1.20 / 1.10, ddim 3.22 / 6.32 / 2.19,
-#:   dpm_solver 1.43 / 1.74 / 1.23, edm 2.87 / 4.02 / 1.56, dpm_adaptive 1.05 / 1.06 / 0.99.
+#:   dpm_solver 1.43 / 1.74 / 1.23, edm 2.87 / 4.02 / 1.56, dpm_adaptive 1.05 / 1.06 / 0.99,
+#:   unipc 1.33 / 1.65 / 1.16, ipndm 1.38 / 1.69 / 1.19.
 #: DDIM is first order and EDM's Heun takes its 18 levels on a grid made for VE, so at their
 #: default 20 / 18 steps they sit several times above the floor; a broken update would give
 #: FD of order 1 (100x the floor). Bounds: ~1.5x the worst measured ratio.
 DEFAULT_BUDGET_BOUNDS = {"pc": 1.5, "ald": 1.8, "ode": 1.8, "ddim": 9.5, "dpm_solver": 2.6,
-                         "edm": 6.0, "dpm_adaptive": 1.6, "respaced": 4.9}
+                         "edm": 6.0, "dpm_adaptive": 1.6, "unipc": 2.5, "ipndm": 2.5,
+                         "respaced": 4.9}
 #: respaced (50 of the 1000 levels, variance beta~; VP / VE, sub-VP has no chain): 3.21 / 1.82.
 #: The SDEs a sampler's accuracy is checked on: all three, but annealed Langevin needs VE
 #: noise levels and respacing needs a discrete chain.

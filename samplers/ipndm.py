@@ -1,0 +1,95 @@
+"""iPNDM: the improved pseudo numerical method (PNDM, Liu et al. 2022) of Zhang & Chen 2023,
+"Fast Sampling of Diffusion Models with Exponential Integrator" (DEIS, ICLR 2023), as in the
+``sample_ipndm`` of k-diffusion: Adams-Bashforth multistep steps with fixed coefficients on
+the probability-flow ODE in the sigma parameterisation, PNDM's Runge-Kutta warm-up replaced
+by lower-order multistep steps, orders 1-4, for every SDE of sde_lib.
+
+The sigma parameterisation (as ``samplers.edm``): sigma = std / alpha, x_ve = x / alpha, and the
+ODE is dx_ve / dsigma = eps_hat, the noise prediction -std score(x, t) (= (x_ve - D) / sigma with
+D Tweedie's data prediction). Step i from sigma_i to sigma_{i+1} with the noise predictions
+eps_i, eps_{i-1}, ... at the previous points and q_i = min(order, i + 1):
+
+    x_ve_{i+1} = x_ve_i + (sigma_{i+1} - sigma_i) sum_j c^(q_i)_j eps_{i-j},
+    c^(1) = [1],  c^(2) = [3, -1] / 2,  c^(3) = [23, -16, 5] / 12,  c^(4) = [55, -59, 37, -9] / 24,
+
+the Adams-Bashforth weights of a uniform grid, used as they are on the (non-uniform) noise
+levels. Written in the SDE's coordinates, x_{i+1} = (alpha_{i+1} / alpha_i) x_i +
+alpha_{i+1} (sigma_{i+1} - sigma_i) sum_j c_j eps_{i-j}: one ``fast.combine`` of the state and
+the stored scores per step, with host-float coefficients computed before the loop. Order 1 is
+Euler in sigma, which is DDIM with eta = 0.
+
+Accuracy: the fixed weights are those of a uniform grid, so on a grid that is not uniform in
+sigma (log-SNR, Karras) one step errs like h^3 whatever the order, and the first-order first
+step like h^2: globally orders 2-4 are second order (tests/test_ipndm.py measures 1.9-2.1),
+though orders 3-4 have smaller error constants at few steps.
+
+Noise levels: sigma(t_i) on ``fast.timesteps`` (T = t_0 > ... > t_n = eps); NFE = num_steps
+(+ 1 for the final Tweedie step at eps with ``denoise``, k-diffusion's step to sigma = 0).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from sde_lib import SDE, check_bool, check_choice, check_int
+
+from .fast import SPACINGS, Output, combine, final_denoise, timesteps
+from .harness import Harness, SampleResult, check_eps
+
+__all__ = ["ipndm_sample", "check_ipndm_options", "ADAMS_BASHFORTH"]
+
+#: The Adams-Bashforth weights by order, newest output first (iPNDM's c^(q)).
+ADAMS_BASHFORTH = {
+    1: (1.0,),
+    2: (3.0 / 2.0, -1.0 / 2.0),
+    3: (23.0 / 12.0, -16.0 / 12.0, 5.0 / 12.0),
+    4: (55.0 / 24.0, -59.0 / 24.0, 37.0 / 24.0, -9.0 / 24.0),
+}
+
+
+def check_ipndm_options(sde: SDE, *, num_steps=20, order=4, spacing="logsnr", eps=1e-3,
+                        denoise=True) -> None:
+    """ValueError naming the first bad option of ``ipndm_sample``."""
+    check_int("num_steps", num_steps, 1)
+    check_int("order", order, 1, 4)
+    check_choice("spacing", spacing, SPACINGS)
+    check_eps(sde, eps)
+    check_bool("denoise", denoise)
+
+
+def ipndm_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, order: int = 4,
+                 spacing: str = "logsnr", eps: float = 1e-3, denoise: bool = True,
+                 **harness_options) -> SampleResult:
+    """iPNDM (Zhang & Chen 2023): fixed-coefficient Adams-Bashforth in sigma on the noise
+    prediction, orders warming up as min(order, i + 1); see the module docstring.
+
+    Args:
+        score_fn: ``score_fn(x, t)``, x (B, ...), t a (B,) float64 tensor in [eps, T].
+        sde, shape: the forward SDE; (B, *data_shape).
+        num_steps: steps from T to eps on ``fast.timesteps`` (one evaluation each).
+        order: the Adams-Bashforth order, 1-4 (1: Euler in sigma = DDIM with eta = 0).
+        spacing: "logsnr", "uniform" or "karras" (``fast.timesteps``). eps: the last time.
+        denoise: one more evaluation for the Tweedie step at eps (as ``fast``).
+        harness_options: generator, device, dtype, x_init, progress, callback, projection.
+
+    Returns: SampleResult(x (B, ...), nfe), nfe = num_steps (+ 1 if denoise).
+    """
+    check_ipndm_options(sde, num_steps=num_steps, order=order, spacing=spacing, eps=eps,
+                        denoise=denoise)
+    with Harness(score_fn, sde, shape, name=f"ipndm (order {order})", total=num_steps,
+                 **harness_options) as run:
+        times, points = run.points(timesteps(sde, num_steps, spacing=spacing, eps=eps))
+        steps = []
+        for i in range(num_steps):
+            s, t = points[i], points[i + 1]
+            scale = t.alpha * (t.sigma - s.sigma)
+            weights = ADAMS_BASHFORTH[min(order, i + 1)]
+            steps.append((t.alpha / s.alpha, [scale * c for c in weights]))
+        x, history = run.x, []                     # eps_hat at t_i, t_{i-1}, ...
+        for i, (c_x, coefficients) in enumerate(steps):
+            history.insert(0, Output(((-points[i].std, run.schedule.score(x, times[i])),)))
+            del history[order:]
+            x = combine(x, c_x, coefficients, history)
+            x = run.step(i, x, points[i + 1])
+        if denoise:
+            x = final_denoise(run, x, eps, num_steps)
+        return run.result(x)
