@@ -235,10 +235,11 @@ def level_time(config) -> str:
 
 
 def respaced_call(config, score_fn: Callable, options: dict) -> tuple[Callable, dict]:
-    """(score_fn, options) for the respaced sampler: level_time defaults to ``level_time``;
+    """(score_fn, options) for the respaced sampler: level_time None becomes ``level_time``;
     variance='learned' takes the network's (score, v) (``score_fn.score_and_variance``)."""
     options = dict(options)
-    options.setdefault("level_time", level_time(config))
+    if options.get("level_time") is None:
+        options["level_time"] = level_time(config)
     if options.get("variance") == "learned":
         if not hasattr(score_fn, "score_and_variance"):
             raise ValueError("config.sampling.respaced.variance='learned' needs a network with a "

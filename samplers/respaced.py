@@ -54,7 +54,7 @@ def respaced_levels(sde: SDE, num_steps: int, spacing: str = "uniform") -> torch
 
 
 def check_respaced_options(sde: SDE, *, num_steps=50, variance="small", spacing="uniform",
-                           eps=1e-3, level_time="grid", posterior_x0_variance=None) -> None:
+                           eps=1e-3, level_time=None, posterior_x0_variance=None) -> None:
     """ValueError naming the first bad option of ``respaced_sample``."""
     if not getattr(sde, "has_discrete_chain", False):
         raise ValueError(f"{type(sde).__name__} has no discrete chain to respace: use another "
@@ -62,7 +62,8 @@ def check_respaced_options(sde: SDE, *, num_steps=50, variance="small", spacing=
     check_int("num_steps", num_steps, 2, sde.N)
     check_choice("variance", variance, VARIANCES)
     check_choice("spacing", spacing, RESPACINGS)
-    check_choice("level_time", level_time, LEVEL_TIMES)
+    if level_time is not None:
+        check_choice("level_time", level_time, LEVEL_TIMES)
     check_eps(sde, eps)
     if variance == "analytic" and posterior_x0_variance is not None:
         if len(posterior_x0_variance) != sde.N:
@@ -96,7 +97,7 @@ def _step_coefficients(sde, levels, variance, posterior_x0_variance):
 def respaced_sample(score_fn: Callable, sde: SDE, shape,
                     posterior_x0_variance: torch.Tensor | None = None, *, num_steps: int = 50,
                     variance: str = "small", spacing: str = "uniform", eps: float = 1e-3,
-                    level_time: str = "grid", **harness_options) -> SampleResult:
+                    level_time: str | None = None, **harness_options) -> SampleResult:
     """Ancestral sampling on ``num_steps`` levels of the chain (module docstring): K - 1
     ancestral steps from x_{N-1} ~ prior, then x0_hat at level s_0; K network evaluations.
 
@@ -107,7 +108,8 @@ def respaced_sample(score_fn: Callable, sde: SDE, shape,
         num_steps: K levels (2..N). variance: 'small' | 'large' | 'analytic' | 'learned'
             ('learned': score_fn(x, t) returns (score, u); module docstring).
         spacing: 'uniform' in level index (Improved DDPM) or 'logsnr'.
-        eps, level_time: the network's time of each level (samplers.vlb.chain_times).
+        eps, level_time: the network's time of each level (samplers.vlb.chain_times; None:
+            'grid'; run_lib.compose picks 'index' for networks on discrete levels).
         harness_options: generator, device, dtype, x_init, progress, callback, projection.
 
     Returns: SampleResult(x, nfe = K).
@@ -120,7 +122,7 @@ def respaced_sample(score_fn: Callable, sde: SDE, shape,
                          "samplers.vlb.expected_posterior_variance (main.py estimates it on "
                          "config.eval.vlb_analytic_samples training images)")
     levels = respaced_levels(sde, num_steps, spacing)
-    times = chain_times(sde, eps, level_time)[levels]
+    times = chain_times(sde, eps, level_time or "grid")[levels]
     steps, alpha_0, std_0 = _step_coefficients(sde, levels, variance, posterior_x0_variance)
     alphas, stds = (v.tolist() for v in sde.discrete_marginal_coeffs(levels))
     with Harness(score_fn, sde, shape, name="respaced", total=len(levels), **harness_options) as run:

@@ -23,6 +23,10 @@ PUBLISHED_PARAMS = {
     "vp/ddpm_cifar.py": 35_218_947,
     "ve/ncsn_cifar.py": 30_117_635,
     "ve/ncsnv2_cifar.py": 29_694_083,
+    # not a published count: our DDPM U-Net at Improved DDPM's CIFAR-10 width (128, 3 blocks,
+    # attention at 16 and 8) with the 6-channel [eps, v] head; theirs has scale-shift norm
+    # and 4 attention heads
+    "vp/iddpm_cifar.py": 47_484_166,
 }
 
 
