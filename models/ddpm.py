@@ -34,8 +34,8 @@ from torch.nn import functional as F
 
 from .embeddings import sinusoidal_embedding
 from .layers import (AttnBlock, Downsample, ResnetBlockDDPM, Upsample, ddpm_conv3x3, dense,
-                     down_level, down_level_modules, group_norm, middle_blocks, up_level,
-                     up_level_modules)
+                     down_level, down_level_modules, group_norm, middle_blocks,
+                     set_checkpointing, up_level, up_level_modules)
 
 __all__ = ["DDPM"]
 
@@ -66,12 +66,15 @@ class DDPM(nn.Module):
         learn_sigma: output 2 num_channels channels, [eps, v]: the noise prediction and the
             interpolation of the reverse variance (Improved DDPM; ``models.get_score_fn``
             with ``learned_variance=True`` splits them).
+        checkpointing: activation checkpointing of the residual and attention blocks while
+            training with gradients (recomputed in the backward pass; see models/layers.py).
     """
 
     def __init__(self, *, nf: int = 128, ch_mult=(1, 2, 2, 2), num_res_blocks: int = 2,
                  attn_resolutions=(16,), dropout: float = 0.1, resamp_with_conv: bool = True,
                  conditional: bool = True, image_size: int = 32, num_channels: int = 3,
-                 num_classes: int | None = None, learn_sigma: bool = False):
+                 num_classes: int | None = None, learn_sigma: bool = False,
+                 checkpointing: bool = False):
         super().__init__()
         ch_mult = tuple(int(c) for c in ch_mult)
         num_resolutions = len(ch_mult)
@@ -119,6 +122,8 @@ class DDPM(nn.Module):
                                                    init_scale=0.0)]
         self.all_modules = nn.ModuleList(modules)
         self.class_embedding = nn.Embedding(num_classes, 4 * nf) if num_classes else None
+        self.checkpointing = bool(checkpointing)
+        set_checkpointing(self, self.checkpointing)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,6 +11,13 @@ the official ones, so its checkpoints load with ``strict=True``. Two differences
   not depend on the group count.
 * Attention uses ``scaled_dot_product_attention`` (same math as the einsum version).
 
+Activation checkpointing (``checkpointing=True`` of DDPM, NCSN++ and the RefineNets):
+the residual and attention blocks derive from ``CheckpointBlock``; with ``checkpointing``
+set, in training mode and with gradients enabled, a block keeps only its inputs and runs its
+forward again during the backward pass (``torch.utils.checkpoint``, non-reentrant, RNG state
+preserved: the recomputed dropout masks are the first pass's). Elsewhere (evaluation,
+sampling, ``torch.no_grad``) the forward is the plain one.
+
 Both U-Nets keep all their modules, in call order, in one flat ``nn.ModuleList``; the
 ``*_level`` functions at the end walk the parts of that list that the two networks share.
 """
@@ -22,10 +29,11 @@ from typing import Iterator
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .fir import DEFAULT_KERNEL, FIRConv2d, downsample_2d, upsample_2d
 
-__all__ = ["variance_scaling_", "ddpm_conv3x3", "ddpm_conv1x1", "dense", "ddpm_num_groups",
+__all__ = ["CheckpointBlock", "set_checkpointing", "variance_scaling_", "ddpm_conv3x3", "ddpm_conv1x1", "dense", "ddpm_num_groups",
            "group_norm", "skip_sum", "fir_conv3x3", "NIN", "AttnBlock", "Upsample", "Downsample",
            "ResidualBranch", "ResnetBlockDDPM", "down_level_modules", "up_level_modules",
            "down_level", "middle_blocks", "up_level"]
@@ -99,6 +107,31 @@ def skip_sum(x: torch.Tensor, h: torch.Tensor, skip_rescale: bool) -> torch.Tens
     return (x + h) / math.sqrt(2.0) if skip_rescale else x + h
 
 
+# --------------------------------------------------------------------------- checkpointing
+
+class CheckpointBlock(nn.Module):
+    """A block whose forward may run under activation checkpointing: subclasses implement
+    ``_forward`` and call ``self._checkpointed(*inputs)`` from ``forward``. The flag
+    ``checkpointing`` (default False) is set by ``set_checkpointing``."""
+
+    checkpointing: bool = False
+
+    def _checkpointed(self, *inputs):
+        """``self._forward(*inputs)``; under torch.utils.checkpoint (use_reentrant=False,
+        the RNG state preserved for dropout) when ``checkpointing`` is set, the block is in
+        training mode and gradients are enabled."""
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, *inputs, use_reentrant=False)
+        return self._forward(*inputs)
+
+
+def set_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn activation checkpointing of every ``CheckpointBlock`` in ``model`` on or off."""
+    for module in model.modules():
+        if isinstance(module, CheckpointBlock):
+            module.checkpointing = bool(enabled)
+
+
 # --------------------------------------------------------------------------- layers
 
 class NIN(nn.Module):
@@ -114,7 +147,7 @@ class NIN(nn.Module):
         return F.conv2d(x, self.W.t()[:, :, None, None], self.b)
 
 
-class AttnBlock(nn.Module):
+class AttnBlock(CheckpointBlock):
     """Single-head self-attention over all pixels, residual; the output NIN starts near zero
     (variance scale ``init_scale``, 0 = 1e-10). ``skip_rescale`` divides the sum by sqrt(2)
     and ``group_rule`` picks the GroupNorm groups (NCSN++'s ``AttnBlockpp`` options)."""
@@ -130,6 +163,9 @@ class AttnBlock(nn.Module):
         self.skip_rescale = skip_rescale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._checkpointed(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.GroupNorm_0(x)
         q, k, v = (nin(h).reshape(B, C, H * W).transpose(1, 2)
@@ -206,7 +242,7 @@ class Downsample(_Resample):
         return F.avg_pool2d(x, kernel_size=2, stride=2)
 
 
-class ResidualBranch(nn.Module):
+class ResidualBranch(CheckpointBlock):
     """The layers shared by the DDPM and BigGAN residual blocks, registered in the official
     order (GroupNorm_0, Conv_0, Dense_0, GroupNorm_1, Dropout_0, Conv_1): the first
     GroupNorm-SiLU and conv, the time embedding added per channel, and the second
@@ -247,6 +283,9 @@ class ResnetBlockDDPM(ResidualBranch):
         self.in_ch, self.out_ch, self.skip_rescale = in_ch, out_ch, skip_rescale
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        return self._checkpointed(x, temb)
+
+    def _forward(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
         h = self._add_temb_and_finish(self.Conv_0(F.silu(self.GroupNorm_0(x))), temb)
         if self.in_ch != self.out_ch:
             x = self.NIN_0(x)

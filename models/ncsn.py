@@ -56,6 +56,7 @@ from torch import nn
 from sde_lib import check_choice
 from torch.nn import functional as F
 
+from .layers import CheckpointBlock, set_checkpointing
 from .normalization import ConditionalInstanceNorm2dPlus, InstanceNorm2dPlus
 
 __all__ = ["NCSN", "NCSNv2", "NCSNV2_VARIANTS", "ncsnv2_variant"]
@@ -88,7 +89,7 @@ class ConvMeanPool(nn.Module):
         return F.avg_pool2d(self.conv(x), kernel_size=2)
 
 
-class ResidualBlock(nn.Module):
+class ResidualBlock(CheckpointBlock):
     """norm-act-conv-norm-act-conv plus a shortcut (``ResidualBlock`` /
     ``ConditionalResidualBlock``; the same layout, the norm decides).
 
@@ -119,6 +120,9 @@ class ResidualBlock(nn.Module):
         self.identity = in_ch == out_ch and resample is None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self._checkpointed(x, y)
+
+    def _forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         h = self.conv1(self.act(self.normalize1(x, y)))
         h = self.conv2(self.act(self.normalize2(h, y)))
         return h + (x if self.identity else self.shortcut(x))
@@ -202,7 +206,7 @@ class MSFBlock(nn.Module):
         return total
 
 
-class RefineBlock(nn.Module):
+class RefineBlock(CheckpointBlock):
     """RefineNet block (``RefineBlock`` / ``CondRefineBlock``): RCU (2 x 2) on each input,
     multi-resolution fusion to ``size`` when there are two inputs, chained residual pooling,
     output RCU (3 blocks for the last refine block, else 1)."""
@@ -218,6 +222,9 @@ class RefineBlock(nn.Module):
         self.crp = CRPBlock(features, 2, act=act, norm=norm, pool=pool)
 
     def forward(self, xs, y: torch.Tensor | None, size) -> torch.Tensor:
+        return self._checkpointed(xs, y, size)
+
+    def _forward(self, xs, y: torch.Tensor | None, size) -> torch.Tensor:
         hs = [adapt(x, y) for adapt, x in zip(self.adapt_convs, xs)]
         h = self.msf(hs, y, size) if len(hs) > 1 else hs[0]
         return self.output_convs(self.crp(h, y), y)
@@ -273,11 +280,12 @@ def ncsnv2_variant(image_size: int) -> str:
 class _RefineNet(nn.Module):
     """The body shared by NCSN and NCSNv2; subclasses pick the norms (``norm`` in the residual
     blocks and the output, ``refine_norm`` inside the RefineNet blocks or None), the pooling
-    and what the conditioning does."""
+    and what the conditioning does. ``checkpointing``: activation checkpointing of the
+    residual and RefineNet blocks while training with gradients (models/layers.py)."""
 
     def __init__(self, *, arch: str, nf: int, image_size: int, num_channels: int, norm: Norm,
                  refine_norm: Norm | None, pool: str, nonlinearity: str, interpolation: str,
-                 num_classes: int | None):
+                 num_classes: int | None, checkpointing: bool = False):
         super().__init__()
         check_choice("nonlinearity", nonlinearity.lower(), ACTIVATIONS)
         check_choice("interpolation", interpolation, INTERPOLATIONS)
@@ -307,6 +315,8 @@ class _RefineNet(nn.Module):
         self.stage_names = tuple(stage_names)
         self.refine_of = {stage: name for name, stage in spec.refines}
         self.class_embedding = nn.Embedding(num_classes, nf) if num_classes else None
+        self.checkpointing = bool(checkpointing)
+        set_checkpointing(self, self.checkpointing)
 
     def _check_input(self, x: torch.Tensor, cond: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.num_channels:
@@ -364,12 +374,14 @@ class NCSN(_RefineNet):
         image_size: training image side (the network itself is fully convolutional).
         num_channels: image channels.
         num_classes: optional class conditioning (see the module docstring).
+        checkpointing: activation checkpointing of the residual and RefineNet blocks while
+            training with gradients (recomputed in the backward pass; models/layers.py).
     """
 
     def __init__(self, *, nf: int = 128, num_scales: int = 10,
                  normalization: str = "InstanceNorm++", nonlinearity: str = "elu",
                  interpolation: str = "bilinear", image_size: int = 32, num_channels: int = 3,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, checkpointing: bool = False):
         check_choice("normalization", normalization, NORMALIZATIONS)
         if num_scales < 1:
             raise ValueError(f"num_scales={num_scales} must be at least 1")
@@ -377,7 +389,7 @@ class NCSN(_RefineNet):
         super().__init__(arch="ncsnv2_64", nf=nf, image_size=image_size,
                          num_channels=num_channels, norm=norm, refine_norm=norm, pool="avg",
                          nonlinearity=nonlinearity, interpolation=interpolation,
-                         num_classes=num_classes)
+                         num_classes=num_classes, checkpointing=checkpointing)
         self.num_scales = num_scales
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor,
@@ -399,7 +411,8 @@ class NCSNv2(_RefineNet):
 
     Args:
         nf: base channel count (128 for CIFAR-10).
-        normalization, nonlinearity, interpolation, num_channels, num_classes: as for ``NCSN``.
+        normalization, nonlinearity, interpolation, num_channels, num_classes,
+            checkpointing: as for ``NCSN``.
         image_size: picks the variant when ``variant`` is None, as the official code does
             (< 96: 'ncsnv2_64', <= 128: 'ncsnv2_128', <= 256: 'ncsnv2_256').
         variant: one of ``NCSNV2_VARIANTS``, or None.
@@ -408,14 +421,15 @@ class NCSNv2(_RefineNet):
     def __init__(self, *, nf: int = 128, normalization: str = "InstanceNorm++",
                  nonlinearity: str = "elu", interpolation: str = "bilinear",
                  image_size: int = 32, num_channels: int = 3, num_classes: int | None = None,
-                 variant: str | None = None):
+                 variant: str | None = None, checkpointing: bool = False):
         check_choice("normalization", normalization, NORMALIZATIONS)
         variant = variant or ncsnv2_variant(image_size)
         check_choice("variant", variant, NCSNV2_VARIANTS)
         super().__init__(arch=variant, nf=nf, image_size=image_size, num_channels=num_channels,
                          norm=InstanceNorm2dPlus, refine_norm=None, pool="max",
                          nonlinearity=nonlinearity,
-                         interpolation=interpolation, num_classes=num_classes)
+                         interpolation=interpolation, num_classes=num_classes,
+                         checkpointing=checkpointing)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:

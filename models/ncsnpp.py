@@ -60,7 +60,8 @@ from torch.nn import functional as F
 
 from .layers import (AttnBlock, Downsample, ResidualBranch, ResnetBlockDDPM, Upsample,
                      ddpm_conv1x1, ddpm_conv3x3, dense, down_level, down_level_modules,
-                     group_norm, middle_blocks, skip_sum, up_level, up_level_modules)
+                     group_norm, middle_blocks, set_checkpointing, skip_sum, up_level,
+                     up_level_modules)
 from .embeddings import GaussianFourierProjection, sinusoidal_embedding
 from .fir import DEFAULT_KERNEL, downsample_2d, upsample_2d
 
@@ -147,6 +148,9 @@ class ResnetBlockBigGAN(ResidualBranch):
         return x
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        return self._checkpointed(x, temb)
+
+    def _forward(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
         h = self._resample(F.silu(self.GroupNorm_0(x)))
         x = self._resample(x)
         h = self._add_temb_and_finish(self.Conv_0(h), temb)
@@ -194,6 +198,8 @@ class NCSNpp(nn.Module):
         num_classes: optional class conditioning (``class_embedding``, needs ``conditional``).
         learn_sigma: output 2 num_channels channels (the network's output and the reverse
             variance interpolation v of Improved DDPM; see ``models.get_score_fn``).
+        checkpointing: activation checkpointing of the residual and attention blocks while
+            training with gradients (recomputed in the backward pass; see models/layers.py).
     """
 
     def __init__(self, *, nf: int = 128, ch_mult=(1, 2, 2, 2), num_res_blocks: int = 4,
@@ -205,7 +211,7 @@ class NCSNpp(nn.Module):
                  init_scale: float = 0.0, embedding_type: str = "fourier",
                  fourier_scale: float = 16.0, conv_size: int = 3, image_size: int = 32,
                  num_channels: int = 3, num_classes: int | None = None,
-                 learn_sigma: bool = False):
+                 learn_sigma: bool = False, checkpointing: bool = False):
         super().__init__()
         options = dict(resblock_type=resblock_type.lower(), progressive=progressive.lower(),
                        progressive_input=progressive_input.lower(),
@@ -247,6 +253,8 @@ class NCSNpp(nn.Module):
         self._decoder_modules(modules, skip_ch)
         self.all_modules = nn.ModuleList(modules)
         self.class_embedding = nn.Embedding(num_classes, 4 * nf) if num_classes else None
+        self.checkpointing = bool(checkpointing)
+        set_checkpointing(self, self.checkpointing)
 
     # ------------------------------------------------------------------ construction
     def _resnet(self, in_ch: int, out_ch: int | None = None, *, up: bool = False,

@@ -127,7 +127,8 @@ def _ddpm_arguments(config) -> dict:
                 attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
                 resamp_with_conv=m.resamp_with_conv, conditional=m.conditional,
                 image_size=d.image_size, num_channels=d.num_channels,
-                num_classes=_num_classes(config), learn_sigma=learn_sigma(config))
+                num_classes=_num_classes(config), learn_sigma=learn_sigma(config),
+                checkpointing=bool(m.get("checkpointing", False)))
 
 
 def _ncsnpp_arguments(config) -> dict:
@@ -148,7 +149,8 @@ def _refinenet_arguments(config) -> dict:
     return dict(nf=m.nf, normalization=m.get("normalization", "InstanceNorm++"),
                 nonlinearity=m.get("nonlinearity", "elu"),
                 interpolation=m.get("interpolation", "bilinear"), image_size=d.image_size,
-                num_channels=d.num_channels, num_classes=_num_classes(config))
+                num_channels=d.num_channels, num_classes=_num_classes(config),
+                checkpointing=bool(m.get("checkpointing", False)))
 
 
 def _ncsn_arguments(config) -> dict:
