@@ -19,8 +19,11 @@ Data sets (``config.data.name``):
 - ``mnist``: the standard IDX files (``train-images-idx3-ubyte`` etc., optionally ``.gz``)
   in ``config.data.data_dir``. Never downloaded.
 - ``folder``: PNG/JPEG images under ``config.data.data_dir`` (``<data_dir>/<split>/`` when
-  that folder exists), resized and center-cropped to ``image_size``; labels from the first
-  level of subfolders (sorted), 0 when the images lie directly in the folder.
+  that folder exists), optionally center-cropped to ``config.data.center_crop`` first (CelebA:
+  140), then resized (shorter side, bicubic) and center-cropped to ``image_size``; labels from
+  the first level of subfolders (sorted), 0 when the images lie directly in the folder. Read
+  into memory when the decoded images take at most ``config.data.max_in_memory_gb`` GiB
+  (default 4), else read per batch from disk (``FolderImages``): LSUN, FFHQ, CelebA-HQ.
 - the toy distributions of ``sde_lib.TOY_DISTRIBUTIONS`` (``eight_modes``, ``spread_gaussian``):
   ``MixtureDataset``, config.data.train_size / test_size points (float32 (N, D)) drawn from
   the closed-form mixture with fixed seeds (the same split on every machine); labels are
@@ -44,6 +47,7 @@ import tarfile
 import tempfile
 import urllib.request
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +57,7 @@ import sde_lib
 
 __all__ = ["DATASETS", "ImageDataset", "MixtureDataset", "build_dataset", "dataset_names",
            "load_digits_images", "load_cifar10", "load_mnist", "load_image_folder", "read_idx",
+           "list_image_folder", "FolderImages", "MAX_IN_MEMORY_GB",
            "restricted_loads", "preprocess", "shard_indices", "CIFAR10_URL", "CIFAR10_MD5"]
 
 SPLITS = ("train", "test")
@@ -293,10 +298,23 @@ def load_mnist(data_dir, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------- image folder
 
-def _load_image(path: Path, image_size: int, num_channels: int) -> np.ndarray:
+#: The folder layouts load_image_folder reads (said in its errors).
+FOLDER_LAYOUT = ("<data_dir>/train/*.png (and <data_dir>/test/*.png), or one subfolder per "
+                 "class: <data_dir>/train/<class>/*.png (PNG or JPEG)")
+
+
+def _load_image(path, image_size: int, num_channels: int, center_crop: int = 0) -> np.ndarray:
     from PIL import Image
     with Image.open(path) as image:
         image = image.convert("L" if num_channels == 1 else "RGB")
+        if center_crop:
+            width, height = image.size
+            if min(width, height) < center_crop:
+                raise ValueError(f"{path} is {width}x{height}, smaller than "
+                                 f"config.data.center_crop={center_crop}; use a smaller crop or "
+                                 "remove the image")
+            left, top = (width - center_crop) // 2, (height - center_crop) // 2
+            image = image.crop((left, top, left + center_crop, top + center_crop))
         width, height = image.size
         scale = image_size / min(width, height)
         if scale != 1:
@@ -309,40 +327,158 @@ def _load_image(path: Path, image_size: int, num_channels: int) -> np.ndarray:
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def _load_readable_image(path: Path, image_size: int, num_channels: int) -> np.ndarray:
+def _load_readable_image(path, image_size: int, num_channels: int,
+                         center_crop: int = 0) -> np.ndarray:
     try:
-        return _load_image(path, image_size, num_channels)
+        return _load_image(path, image_size, num_channels, center_crop)
     except OSError as error:        # PIL: not an image, or a truncated one
         raise ValueError(f"{path} is not a readable image ({' '.join(str(error).split())}); "
                          "remove or replace it") from error
 
 
-def load_image_folder(data_dir, split: str = "train", *, image_size: int, num_channels: int = 3
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """PNG/JPEG images under ``data_dir`` as uint8 (N, C, image_size, image_size).
+def list_image_folder(data_dir, split: str = "train") -> tuple[Path, list[str], np.ndarray]:
+    """(root, file paths relative to root, int64 labels) of the PNG/JPEG images of ``split``.
 
-    Uses ``data_dir/<split>/`` when that folder exists; otherwise the whole ``data_dir`` is
-    the ``train`` split (and ``test`` raises). The shorter side is resized to ``image_size``
-    (bicubic) and the centre square cropped; ``num_channels`` 1 -> grayscale, 3 -> RGB.
-    Labels: index of the first-level subfolder (sorted names), 0 for images at the top.
+    The root is ``data_dir/<split>/`` when that folder exists; otherwise the whole ``data_dir``
+    is the ``train`` split (and ``test`` raises). Files are sorted by their path components;
+    a label is the index of the file's first-level subfolder (sorted names), 0 at the top.
+    Missing or empty folders raise a one-line FileNotFoundError with the layout to use.
     """
     _check_split(split)
-    if num_channels not in (1, 3):
-        raise ValueError(f"config.data.num_channels={num_channels}: an image folder gives 1 or 3")
     data_dir = Path(data_dir)
     root = data_dir / split if (data_dir / split).is_dir() else data_dir
     if root == data_dir and split != "train":
-        raise FileNotFoundError(f"no {split} images: put them in {data_dir / split}")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"no PNG/JPEG images found under {root}: put the training "
-                                "images there (subfolders are classes)")
-    parts = [p.relative_to(root).parts for p in files]
+        raise FileNotFoundError(f"no {split} images: put them in {data_dir / split} "
+                                f"(config.data.data_dir={str(data_dir)!r}; layout {FOLDER_LAYOUT})")
+    relative = []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        subfolders.sort()
+        prefix = os.path.relpath(folder, root)
+        relative.extend(name if prefix == "." else os.path.join(prefix, name) for name in names
+                        if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES)
+    if not relative:
+        what = "is missing" if not root.is_dir() else "has no PNG/JPEG images"
+        raise FileNotFoundError(f"no PNG/JPEG images found under {root} (it {what}): set "
+                                f"config.data.data_dir to a folder laid out as {FOLDER_LAYOUT}")
+    parts = sorted(path.split(os.sep) for path in relative)
     classes = sorted({part[0] for part in parts if len(part) > 1})
     index = {name: i for i, name in enumerate(classes)}
     labels = np.array([index[part[0]] if len(part) > 1 else 0 for part in parts], dtype=np.int64)
-    images = np.stack([_load_readable_image(p, image_size, num_channels) for p in files])
-    return images, labels
+    return root, [os.path.join(*part) for part in parts], labels
+
+
+class FolderImages:
+    """The images of an image folder as a read-only uint8 array (N, C, S, S) whose entries are
+    read from disk when indexed: ``images[i]`` (C, S, S), ``images[2:5]``, ``images[tensor]``
+    (B, C, S, S), each file through the same crop and resize as ``load_image_folder``, by a
+    pool of ``threads`` threads (PIL decodes without the GIL). Holds only the file names, so
+    a data set of any size fits: the lazy storage of ``ImageDataset``.
+    """
+
+    ndim = 4
+    dtype = torch.uint8
+
+    def __init__(self, root, files, *, image_size: int, num_channels: int = 3,
+                 center_crop: int = 0, threads: int | None = None):
+        self.root = Path(root)
+        # encoded names in one numpy array: ~50 bytes per file (3M LSUN bedrooms: 150 MB)
+        self.files = np.array([os.fsencode(f) for f in files], dtype=np.bytes_)
+        self.image_size, self.num_channels = int(image_size), int(num_channels)
+        self.center_crop = int(center_crop)
+        self.threads = threads or min(8, os.cpu_count() or 1)
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self), self.num_channels, self.image_size, self.image_size)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def path(self, i: int) -> Path:
+        return self.root / os.fsdecode(self.files[i])
+
+    def read(self, i: int) -> np.ndarray:
+        """Image ``i`` as uint8 (C, S, S)."""
+        return _load_readable_image(self.path(i), self.image_size, self.num_channels,
+                                    self.center_crop)
+
+    def _positions(self, index) -> list[int]:
+        whole = range(len(self))
+        if isinstance(index, slice):
+            return list(whole[index])
+        if torch.is_tensor(index):
+            index = index.cpu().numpy()
+        index = np.asarray(index)
+        if index.dtype == np.bool_ or not np.issubdtype(index.dtype, np.integer) or index.ndim != 1:
+            raise TypeError("FolderImages takes an int, a slice or a 1-D integer index, got "
+                            f"{index.dtype} of shape {index.shape}")
+        return [whole[i] for i in index.tolist()]
+
+    def _map(self, positions):
+        if len(positions) <= 1 or self.threads <= 1:
+            return map(self.read, positions)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="image-folder")
+        return self._pool.map(self.read, positions)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, (int, np.integer)) or (torch.is_tensor(index) and index.ndim == 0):
+            return torch.from_numpy(self.read(range(len(self))[int(index)]).copy())
+        positions = self._positions(index)
+        out = np.empty((len(positions), *self.shape[1:]), dtype=np.uint8)
+        for row, array in enumerate(self._map(positions)):
+            out[row] = array
+        return torch.from_numpy(out)
+
+    def __getstate__(self):         # picklable (DataLoader workers): without the thread pool
+        return {**self.__dict__, "_pool": None}
+
+    def numpy(self) -> np.ndarray:
+        """All images read into one uint8 array (N, C, S, S)."""
+        return self[:].numpy()
+
+
+def load_image_folder(data_dir, split: str = "train", *, image_size: int, num_channels: int = 3,
+                      center_crop: int = 0, lazy: bool = False):
+    """PNG/JPEG images under ``data_dir`` as uint8 (N, C, image_size, image_size), and labels.
+
+    Uses ``data_dir/<split>/`` when that folder exists; otherwise the whole ``data_dir`` is
+    the ``train`` split (and ``test`` raises). With ``center_crop`` > 0 the centre square of
+    that size is cut first (CelebA: 140 of the 178 x 218 aligned faces, as the NCSNv2 and
+    Score SDE code). Then the shorter side is resized to ``image_size`` (bicubic, PIL's
+    antialiased filter) and the centre square cropped; ``num_channels`` 1 -> grayscale,
+    3 -> RGB. Labels: index of the first-level subfolder (sorted names), 0 for images at the
+    top. ``lazy``: the images as ``FolderImages`` (read when indexed) instead of a numpy array.
+    """
+    if num_channels not in (1, 3):
+        raise ValueError(f"config.data.num_channels={num_channels}: an image folder gives 1 or 3")
+    if center_crop < 0:
+        raise ValueError(f"config.data.center_crop={center_crop} must be >= 0 (0: no crop)")
+    root, files, labels = list_image_folder(data_dir, split)
+    images = FolderImages(root, files, image_size=image_size, num_channels=num_channels,
+                          center_crop=center_crop)
+    return (images if lazy else images.numpy()), labels
+
+
+#: Decoded folders larger than this (GiB; config.data.max_in_memory_gb) are read per batch.
+MAX_IN_MEMORY_GB = 4.0
+
+
+def _folder(data, split: str):
+    """The ``folder`` data set of config.data: in memory when the decoded uint8 images take at
+    most config.data.max_in_memory_gb GiB (default MAX_IN_MEMORY_GB), else ``FolderImages``
+    read per batch (FFHQ at 1024 px would take 220 GB)."""
+    images, labels = load_image_folder(
+        data.data_dir, split, image_size=int(data.image_size),
+        num_channels=int(data.num_channels), center_crop=int(data.get("center_crop", 0) or 0),
+        lazy=True)
+    limit = float(data.get("max_in_memory_gb", MAX_IN_MEMORY_GB))
+    return (images if images.nbytes > limit * 2 ** 30 else images.numpy()), labels
 
 
 # ----------------------------------------------------------------------------- scaling, batches
@@ -395,11 +531,15 @@ class ImageDataset(torch.utils.data.Dataset):
     """uint8 images (N, C, H, W) with labels and the scaling settings of one data set.
 
     ``dataset[i]`` is ``(uint8 image, label)``; ``batches(...)`` yields scaled float batches.
+    ``images`` is a uint8 tensor in memory, or a ``FolderImages`` that reads the files of each
+    batch when indexed (the same values, order, flips and shards; ``batches`` reads the next
+    batch in a background thread while the current one is used).
     """
 
     def __init__(self, images, labels, *, centered: bool = True, random_flip: bool = False,
                  dequantize: bool = False, name: str = "custom"):
-        self.images = torch.as_tensor(np.asarray(images, dtype=np.uint8))
+        self.images = (images if isinstance(images, FolderImages)
+                       else torch.as_tensor(np.asarray(images, dtype=np.uint8)))
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         if self.images.ndim != 4 or len(self.labels) != len(self.images):
             raise ValueError(f"expected images (N, C, H, W) and N labels, got "
@@ -430,11 +570,25 @@ class ImageDataset(torch.utils.data.Dataset):
                                 rank=rank, world_size=world_size)
         generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 4099 + rank + 1)
         stop = len(indices) - len(indices) % batch_size if drop_last else len(indices)
-        for start in range(0, stop, batch_size):
-            index = indices[start:start + batch_size]
-            x = preprocess(self.images[index], centered=self.centered, dequantize=self.dequantize,
+        chunks = [indices[start:start + batch_size] for start in range(0, stop, batch_size)]
+        for index, images in self._read(chunks):
+            x = preprocess(images, centered=self.centered, dequantize=self.dequantize,
                            random_flip=self.random_flip, generator=generator)
             yield x.to(device) if device is not None else x, self.labels[index]
+
+    def _read(self, chunks):
+        """(index, uint8 images) of each index in ``chunks``; from a folder, the next chunk is
+        read in a background thread while the caller uses the current one."""
+        if not isinstance(self.images, FolderImages):
+            yield from ((index, self.images[index]) for index in chunks)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
+            pending = reader.submit(self.images.__getitem__, chunks[0]) if chunks else None
+            for k, index in enumerate(chunks):
+                images = pending.result()
+                if k + 1 < len(chunks):
+                    pending = reader.submit(self.images.__getitem__, chunks[k + 1])
+                yield index, images
 
 
 # ----------------------------------------------------------------------------- factory
@@ -452,9 +606,7 @@ DATASETS = {
     "cifar10": lambda data, split: load_cifar10(data.data_dir, split,
                                                 download=bool(data.get("download", False))),
     "mnist": lambda data, split: load_mnist(data.data_dir, split),
-    "folder": lambda data, split: load_image_folder(data.data_dir, split,
-                                                    image_size=data.image_size,
-                                                    num_channels=data.num_channels),
+    "folder": _folder,
 }
 
 

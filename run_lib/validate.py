@@ -200,7 +200,10 @@ GROUPS: dict[str, dict[str, Check]] = {
         "name": choice(dataset_names), "data_dir": text, "download": boolean,
         "image_size": integer(1), "num_channels": integer(1), "centered": boolean,
         "random_flip": optional(boolean), "dequantize": boolean,
-        "dim": integer(1), "train_size": integer(1), "test_size": integer(1)},
+        "dim": integer(1), "train_size": integer(1), "test_size": integer(1),
+        # image folders (run_lib.datasets.load_image_folder): centre crop before the resize
+        # (0: none), and the decoded size above which images are read per batch from disk
+        "center_crop": integer(0), "max_in_memory_gb": real(0.0)},
     "sde": {
         "name": choice(sde_lib.SDES), "beta_min": real(0.0), "beta_max": real(0.0, strict=True),
         "sigma_min": real(0.0, strict=True), "sigma_max": real(0.0, strict=True),
