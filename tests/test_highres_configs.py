@@ -342,3 +342,22 @@ def test_one_training_step_at_reduced_width(name, tmp_path):
     shadow = state["ema"]["shadow"]
     moved = [k for k, v in shadow.items() if not torch.equal(v, state["model"][k])]
     assert moved, "no parameter moved away from its EMA: no optimizer step was taken"
+
+
+def test_readme_table_lists_every_config_with_its_size_count_and_batch():
+    """README "High-resolution configs": one row per config with the config's image size,
+    the official parameter count and the config's global batch."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## High-resolution configs"):]
+    section = section[:section.index("\n## ", 1)]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0] in PUBLISHED_PARAMS:
+            rows[cells[0]] = cells
+    assert set(rows) == set(PUBLISHED_PARAMS)
+    for name, cells in rows.items():
+        config = load(name)
+        assert int(cells[2]) == config.data.image_size, name
+        assert int(cells[4].replace(",", "")) == PUBLISHED_PARAMS[name], name
+        assert int(cells[6]) == config.training.batch_size, name
