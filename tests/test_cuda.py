@@ -180,8 +180,16 @@ def test_cuda_rng_state_saved_and_resume_reproduces(tmp_path):
     uninterrupted run's (max difference <= 1e-6). Control: the same resume from a
     checkpoint whose CUDA RNG state was removed (the generator then restarts from the seed,
     other dropout masks) ends more than 1e-4 away, so the comparison can fail."""
-    from run_lib.train import train
+    kept = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        _resume_runs(tmp_path)
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = kept
+
+
+def _resume_runs(tmp_path):
+    from run_lib.train import train
     train(_digits_config(6), tmp_path / "full", progress=False)
     train(_digits_config(4), tmp_path / "resumed", progress=False)
     at_4 = _weights(tmp_path / "resumed")

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ["cuda_tests", "train_step", "official_step", "pc_sample", "dpm_solver",
-            "bits_per_dim", "memory_plan"]
+SECTIONS = ["official_step", "dpm_solver", "pc_sample", "bits_per_dim", "memory_plan",
+            "train_step", "cuda_tests"]        # the order they run in
 
 
 @pytest.fixture(scope="module")
