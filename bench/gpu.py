@@ -377,7 +377,8 @@ def _import_official():
 
 def section_official_step(rec: Recorder, dry: bool, limit: float) -> None:
     if not (OFFICIAL / "losses.py").exists():
-        rec.status("skipped", f"{OFFICIAL.relative_to(ROOT)} is absent (CI has no copy): run "
+        shown = OFFICIAL.relative_to(ROOT) if OFFICIAL.is_relative_to(ROOT) else OFFICIAL
+        rec.status("skipped", f"{shown} is absent (CI has no copy): run "
                               "`bash bench/get_official.sh`, and carry bench/official on the "
                               "device")
         return
@@ -747,11 +748,11 @@ SECTION_FUNCTIONS = {
 def run_section(name: str, dry: bool, limit: float, result: Path | None) -> int:
     rec = Recorder(result)
     rec.flush()
-    if name == "official_step":
-        _forget_project_modules()
-    elif str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     try:
+        if name == "official_step":
+            _forget_project_modules()
+        elif str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
         import torch
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
         SECTION_FUNCTIONS[name](rec, dry, limit)
@@ -815,6 +816,8 @@ def _preload() -> None:
 def _forget_project_modules() -> None:
     """For the official code: drop the project's modules and path entry whose names it
     shares (models, sde_lib, configs, ...)."""
+    if not OFFICIAL.is_dir():
+        return
     names = {p.stem for p in OFFICIAL.glob("*.py")} | {p.name for p in OFFICIAL.iterdir()
                                                          if p.is_dir()}
     for module in list(sys.modules):
@@ -839,6 +842,8 @@ def spawn_section(name: str, dry: bool, limit: float, folder: Path) -> dict:
             os.dup2(fd, 1)
             os.dup2(fd, 2)
             code = run_section(name, dry, limit, result)
+        except BaseException:
+            traceback.print_exc()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

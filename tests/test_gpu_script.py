@@ -104,11 +104,24 @@ def test_memory_plan_extrapolation(dry_run):
     assert "plan_hook" in results
 
 
-def test_section_over_its_limit_is_killed(tmp_path):
-    """A section given 0.5 s is killed with its process group and reported as timeout."""
+def load_gpu_module():
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
     gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu)
+    return gpu
+
+
+def test_official_section_skipped_without_the_copy(tmp_path):
+    """As in CI (bench/official is git-ignored): skipped, naming bench/get_official.sh."""
+    gpu = load_gpu_module()
+    gpu.OFFICIAL = tmp_path / "absent" / "score_sde_pytorch"
+    entry = gpu.spawn_section("official_step", True, 60, tmp_path)
+    assert entry["status"] == "skipped" and "get_official.sh" in entry["reason"], entry
+
+
+def test_section_over_its_limit_is_killed(tmp_path):
+    """A section given 0.5 s is killed with its process group and reported as timeout."""
+    gpu = load_gpu_module()
     entry = gpu.spawn_section("bits_per_dim", True, 0.5, tmp_path)
     assert entry["status"] == "timeout" and entry["seconds"] < 5
