@@ -20,6 +20,10 @@ def training_group(*, n_iters: int, batch_size: int, log_freq: int) -> ml_collec
         likelihood_weighting=False, importance_sampling=False, eps=1e-5, log_freq=log_freq,
         # run_lib.train: 'no' | 'bf16' (autocast of the network forward; fp32 weights and loss)
         mixed_precision="no",
+        # the objective: 'simple' (DSM), or for a network with a variance head
+        # (model.learn_sigma) Improved DDPM's 'hybrid' L_simple + vlb_weight L_vlb or 'vlb';
+        # level_importance: loss-aware sampling of the levels of L_vlb (sde_lib.LossAwareLevels)
+        loss="simple", vlb_weight=0.001, level_importance=False,
         # gradient accumulation: each process's share batch_size / W of the global batch runs
         # in equal micro-batches of at most batch_per_device rows, one optimizer step per
         # global batch (same result up to float rounding); 0: the whole share at once

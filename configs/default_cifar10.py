@@ -33,6 +33,8 @@ def get_default_configs():
     model.name = "ncsnpp"
     model.scale_by_sigma = False
     model.num_classes = 0           # > 0: class-conditional (labels of the data set)
+    model.learn_sigma = False       # Improved DDPM's variance head [eps, v] (mlp, ddpm, ncsnpp)
+    model.checkpointing = False     # activation checkpointing of the blocks (ddpm, ncsnpp, ncsn*)
     model.ema_rate = 0.9999
     model.ema_warmup = False        # the papers' plain EMA (runs of 1.3M steps)
     model.dropout = 0.1

@@ -36,6 +36,8 @@ def get_default_configs():
     model.conditional = True
     model.scale_by_sigma = False
     model.num_classes = 0
+    model.learn_sigma = False       # Improved DDPM's variance head [eps, v] (mlp, ddpm, ncsnpp)
+    model.checkpointing = False     # activation checkpointing of the blocks (ddpm, ncsnpp, ncsn*)
     model.ema_rate = 0.99            # short runs: 0.999 leaves the EMA near the initial weights for ~1000 steps
     model.ema_warmup = True          # decay min(ema_rate, (1 + n) / (10 + n)): after n steps the
                                      # EMA spans ~n / 9 steps, so 0.999 configs suit 300 steps too

@@ -29,6 +29,8 @@ def get_default_configs():
     model.fourier_scale = 1.0      # log sigma spans ~6 units on this data; 16 (NCSN++) trains slower
     model.scale_by_sigma = False
     model.num_classes = 0
+    model.learn_sigma = False       # Improved DDPM's variance head [eps, v] (mlp, ddpm, ncsnpp)
+    model.checkpointing = False     # activation checkpointing of the blocks (ddpm, ncsnpp, ncsn*)
     model.ema_rate = 0.999
     model.ema_warmup = True         # decay min(ema_rate, (1 + n) / (10 + n)): suits short runs
 

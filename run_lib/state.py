@@ -68,6 +68,16 @@ class TrainState:
                  step: int = 0):
         self.model, self.ema, self.optimizer = model, ema, optimizer
         self.noise_gen, self.ctx, self.step = noise_gen, ctx, step
+        self.loss_state, self._pending_loss_state = None, None
+
+    def attach_loss_state(self, loss_state) -> None:
+        """The loss's own state (an object with state_dict / load_state_dict, e.g. the level
+        sampler of loss-aware importance sampling, sde_lib.LossAwareLevels) or None: saved in
+        checkpoints as "loss_state", and loaded from the checkpoint already read, if any."""
+        self.loss_state = loss_state
+        if loss_state is not None and self._pending_loss_state is not None:
+            loss_state.load_state_dict(self._pending_loss_state)
+        self._pending_loss_state = None
 
     @property
     def device(self) -> torch.device:
@@ -77,7 +87,8 @@ class TrainState:
         """The checkpoint dict (run_lib.checkpoints); a collective with several ranks."""
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step,
-                "rng": rng_state(self.noise_gen, self.device, self.ctx)}
+                "rng": rng_state(self.noise_gen, self.device, self.ctx),
+                **({} if self.loss_state is None else {"loss_state": self.loss_state.state_dict()})}
 
     def load_state_dict(self, state: dict) -> None:
         """Load a checkpoint dict strictly; a checkpoint of another model raises the
@@ -88,6 +99,7 @@ class TrainState:
         _use_fused_adam(self.optimizer)
         set_rng_state(state["rng"], self.noise_gen, self.device, self.ctx)
         self.step = int(state["step"])
+        self._pending_loss_state = state.get("loss_state")   # for attach_loss_state
 
 
 def build_train_state(config, device: torch.device, ctx: DistContext) -> TrainState:

@@ -589,6 +589,7 @@ def _run(config, workdir: Path, ctx: DistContext, device: torch.device, progress
     # DDP after the resume: its first broadcast waits for every rank to have read the
     # checkpoint, so rank 0 cannot overwrite it before.
     objective = Objective(config, sde, state.model, ctx, device)
+    state.attach_loss_state(getattr(objective.loss_fn, "level_sampler", None))
     evaluator = None
     if ctx.is_main and int(config.training.eval_freq) > 0:
         evaluator = Evaluator(config, sde, state.model, state.ema, device)

@@ -267,3 +267,33 @@ def test_pipeline_trains_samples_and_bounds_a_learned_variance_model(tmp_path):
     bad.training.continuous = True
     with pytest.raises(ConfigError, match="continuous=False"):
         validate_config(bad, "train")
+
+
+def test_resume_with_loss_aware_levels_is_exact(tmp_path):
+    """The level sampler's history is saved in checkpoints ("loss_state"): 2 + 2 steps with a
+    resume give bitwise the weights and sampler state of 4 straight steps."""
+    from configs.vp.iddpm_digits import get_config
+    from run_lib.checkpoints import read_checkpoint
+    from run_lib.train import train
+
+    def config_for(steps):
+        config = get_config()
+        config.device = "cpu"
+        config.sde.num_scales = 20
+        config.model.update(nf=8, dropout=0.0)
+        config.training.update(batch_size=8, n_iters=steps, log_freq=1, snapshot_freq=100,
+                               snapshot_freq_for_preemption=2, sample_freq=0, eval_freq=0,
+                               level_importance=True, loss="vlb")
+        return config
+
+    train(config_for(4), tmp_path / "straight", progress=False)
+    train(config_for(2), tmp_path / "resumed", progress=False)
+    train(config_for(4), tmp_path / "resumed", progress=False)
+    a, b = (read_checkpoint(tmp_path / run / "checkpoints" / "latest.pt", "cpu")
+            for run in ("straight", "resumed"))
+    assert a["step"] == b["step"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert torch.equal(a["loss_state"]["count"], b["loss_state"]["count"])
+    assert int(a["loss_state"]["count"].sum()) == 4 * 8
+    assert torch.equal(a["loss_state"]["values"], b["loss_state"]["values"])
