@@ -19,7 +19,9 @@ the error estimate (App. C)
 
 accepts the step if E <= 1 (x <- x_high, x_prev <- x_low, s <- t) and always updates
 h <- min(theta h E^(-1/order), lambda_eps - lambda_s). It stops when |s - eps| <= t_err; the
-step that reaches lambda_eps lands on eps exactly. Rejected steps cost evaluations too (nfe
+step that reaches lambda_eps lands on eps exactly. Here "eps" is the end point t_end: eps,
+or with ``sigma_min`` the time at which sigma = std / alpha = sigma_min (the default None
+keeps t = eps, since the step control already places the steps); then the Tweedie step. Rejected steps cost evaluations too (nfe
 counts all of them; the evaluation at s is reused after a rejection). As in the official
 implementation, E is the batch maximum, so the whole batch shares one step size.
 
@@ -38,14 +40,14 @@ from sde_lib import SCHEDULE_DTYPE, SDE, check_bool, check_choice, check_int, ch
 
 from .fast import (DPM_ALGORITHMS, ExponentialStep, combine, final_denoise, model_output,
                    singlestep_2, singlestep_3)
-from .harness import Harness, SampleResult, check_eps
+from .harness import Harness, SampleResult, check_eps, check_sigma_min, end_time
 
 __all__ = ["dpm_solver_adaptive_sample", "check_dpm_adaptive_options"]
 
 
 def check_dpm_adaptive_options(sde: SDE, *, order=2, algorithm="dpmsolver++", rtol=0.05,
                                atol=0.0078, h_init=0.05, theta=0.9, t_err=1e-5, eps=1e-3,
-                               denoise=True, max_steps=10000) -> None:
+                               sigma_min=None, denoise=True, max_steps=10000) -> None:
     """ValueError naming the first bad option of ``dpm_solver_adaptive_sample``."""
     check_int("order", order, 2, 3)
     check_choice("algorithm", algorithm, DPM_ALGORITHMS)
@@ -55,6 +57,8 @@ def check_dpm_adaptive_options(sde: SDE, *, order=2, algorithm="dpmsolver++", rt
     check_real("theta", theta, strict=True, maximum=1.0)
     check_real("t_err", t_err, strict=True)
     check_eps(sde, eps)
+    if sigma_min is not None:
+        check_sigma_min(sde, sigma_min)
     check_bool("denoise", denoise)
     check_int("max_steps", max_steps)
 
@@ -62,7 +66,8 @@ def check_dpm_adaptive_options(sde: SDE, *, order=2, algorithm="dpmsolver++", rt
 def dpm_solver_adaptive_sample(score_fn: Callable, sde: SDE, shape, *, order: int = 2,
                                algorithm: str = "dpmsolver++", rtol: float = 0.05,
                                atol: float = 0.0078, h_init: float = 0.05, theta: float = 0.9,
-                               t_err: float = 1e-5, eps: float = 1e-3, denoise: bool = True,
+                               t_err: float = 1e-5, eps: float = 1e-3,
+                               sigma_min: float | None = None, denoise: bool = True,
                                max_steps: int = 10000, **harness_options) -> SampleResult:
     """Adaptive-step DPM-Solver-12 (order=2) / DPM-Solver-23 (order=3); see the module
     docstring for the step control.
@@ -75,15 +80,17 @@ def dpm_solver_adaptive_sample(score_fn: Callable, sde: SDE, shape, *, order: in
         h_init: the first step in half log-SNR lambda; theta: safety factor in (0, 1].
         t_err: stop when |s - eps| <= t_err. max_steps: attempted steps (accepted or
             rejected) before a RuntimeError.
-        eps, denoise, harness_options: as in ``dpm_solver_sample``; the callback is called
-            after every accepted step.
+        eps, sigma_min, denoise, harness_options: as in ``dpm_solver_sample``: the steps end
+            at t_end = eps, or where sigma = std / alpha = sigma_min, then the Tweedie step
+            (denoise); the callback is called after every accepted step.
 
     Returns: SampleResult(x, nfe): order evaluations per accepted step, order - 1 per
     rejected one (the evaluation at s is kept and reused), + 1 if denoise.
     """
     check_dpm_adaptive_options(sde, order=order, algorithm=algorithm, rtol=rtol, atol=atol,
                                h_init=h_init, theta=theta, t_err=t_err, eps=eps,
-                               denoise=denoise, max_steps=max_steps)
+                               sigma_min=sigma_min, denoise=denoise, max_steps=max_steps)
+    eps = end_time(sde, eps, sigma_min)                       # t_end: where the steps stop
     name = f"dpm_solver_adaptive (order {order})"
     with Harness(score_fn, sde, shape, name=name, total=None, **harness_options) as run:
         x = _adaptive_loop(run, order, algorithm == "dpmsolver++", rtol, atol, h_init, theta,

@@ -16,8 +16,10 @@ whence grad log p(x_ve; sigma) = (D - x_ve) / sigma^2 and the probability-flow O
 dx_ve / dsigma = (x_ve - D(x_ve; sigma)) / sigma (eq. 1 with sigma(t) = t, s(t) = 1; the "d_i"
 of Algorithm 2). This holds for VP, sub-VP and VE alike (VE: alpha = 1, sigma = std).
 
-Noise levels: sigma_0 = sigma(T) > ... > sigma_{N-1} = sigma(eps) by ``fast.timesteps``
-(default: the rho-schedule of eq. 5, i/(N-1) spacing) and sigma_N = 0. N = num_steps.
+Noise levels: sigma_0 = sigma(T) > ... > sigma_{N-1} = sigma(t_end) by ``fast.timesteps``
+(default: the rho-schedule of eq. 5, i/(N-1) spacing) and sigma_N = 0. N = num_steps. End
+point: sigma_{N-1} = sigma_min (default ``fast.SIGMA_MIN`` = 0.02 on every SDE), or with
+sigma_min=None sigma(eps); below, "eps" stands for that t_end.
 
 The last step, from sigma_{N-1} = sigma(eps) to sigma_N = 0, is Algorithm 2's Euler step (no
 correction since t_{i+1} = 0): x_N = x_hat + (0 - sigma_hat) (x_hat - D)/sigma_hat = D(x_hat;
@@ -47,28 +49,33 @@ from typing import Callable
 
 import torch
 
-from sde_lib import SDE, check_bool, check_choice, check_int, check_real
+from sde_lib import SDE, check_int, check_real
 
-from .fast import SPACINGS, timesteps
-from .harness import DATA_POINT, Harness, SampleResult, check_eps
+from .fast import SIGMA_MIN, check_grid_options, timesteps
+from .harness import DATA_POINT, Harness, SampleResult
 
 __all__ = ["edm_sample", "edm_sigmas", "check_edm_options"]
 
 def edm_sigmas(sde: SDE, num_steps: int, *, spacing: str = "karras", rho: float = 7.0,
-               eps: float = 1e-3, device=None) -> torch.Tensor:
-    """sigma_0 = sigma(T) > ... > sigma_{N-1} = sigma(eps) > sigma_N = 0, (N + 1,) float64,
-    sigma = exp(-log_snr / 2); "karras" spacing is eq. 5 (t_i of the paper). N >= 2."""
+               eps: float = 1e-3, sigma_min: float | None = SIGMA_MIN,
+               schedule: str | None = None, device=None) -> torch.Tensor:
+    """sigma_0 = sigma(T) > ... > sigma_{N-1} = sigma(t_end) > sigma_N = 0, (N + 1,) float64,
+    sigma = exp(-log_snr / 2); "karras" spacing is eq. 5 (t_i of the paper); t_end = eps or
+    the time of ``sigma_min``; a ``schedule`` file gives its entry for N - 1 intervals. N >= 2."""
     num_steps = check_int("num_steps", num_steps, 2)
-    t = timesteps(sde, num_steps - 1, spacing=spacing, eps=eps, rho=rho, device=device)
+    t = timesteps(sde, num_steps - 1, spacing=spacing, eps=eps, rho=rho, sigma_min=sigma_min,
+                  schedule=schedule, device=device)
     sigma = torch.exp(-0.5 * sde.log_snr(t))
     return torch.cat([sigma, sigma.new_zeros(1)])
 
 
 def check_edm_options(sde: SDE, *, num_steps=18, spacing="karras", rho=7.0, s_churn=0.0,
-                      s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, eps=1e-3, denoise=True) -> None:
+                      s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, eps=1e-3, sigma_min=SIGMA_MIN,
+                      schedule=None, denoise=True) -> None:
     """ValueError naming the first bad option of ``edm_sample``."""
     check_int("num_steps", num_steps, 2)
-    check_choice("spacing", spacing, SPACINGS)
+    check_grid_options(sde, num_steps, spacing, eps, denoise, sigma_min, schedule,
+                       intervals=num_steps - 1)
     check_real("rho", rho, strict=True)
     check_real("s_churn", s_churn)
     check_real("s_tmin", s_tmin, allow_inf=True)
@@ -76,14 +83,14 @@ def check_edm_options(sde: SDE, *, num_steps=18, spacing="karras", rho=7.0, s_ch
     if s_tmin > s_tmax:
         raise ValueError(f"s_tmin must be <= s_tmax, got {s_tmin} > {s_tmax}")
     check_real("s_noise", s_noise)
-    check_eps(sde, eps)
-    check_bool("denoise", denoise)
 
 
 def edm_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 18,
                spacing: str = "karras", rho: float = 7.0, s_churn: float = 0.0,
                s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0,
-               eps: float = 1e-3, denoise: bool = True, **harness_options) -> SampleResult:
+               eps: float = 1e-3, sigma_min: float | None = SIGMA_MIN,
+               schedule: str | None = None, denoise: bool = True,
+               **harness_options) -> SampleResult:
     """EDM Algorithm 2 (Karras et al. 2022): Heun steps in sigma, optional churn.
 
     Args:
@@ -95,19 +102,25 @@ def edm_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 18,
         s_churn, s_tmin, s_tmax, s_noise: the stochasticity of eq. 7 / Alg. 2 (s_churn = 0:
             deterministic Heun; the others only act when s_churn > 0). s_tmin/s_tmax are
             sigmas (sigma = std/alpha), not times.
-        eps: the smallest time, sigma_{N-1} = sigma(eps).
-        denoise: take the last step to sigma = 0 (= Tweedie at eps; returns data); False:
-            return x = alpha(eps) x_ve at t = eps.
+        eps: the smallest time, sigma_{N-1} = sigma(eps), unless sigma_min is set.
+        sigma_min: sigma_{N-1} = sigma_min (the grid ends at t_end where std / alpha =
+            sigma_min); None: at eps.
+        schedule: a fitted step schedule file (``samplers.schedules_opt``; its entry for N - 1
+            intervals), replacing spacing.
+        denoise: take the last step to sigma = 0 (= Tweedie at t_end; returns data); False:
+            return x = alpha(t_end) x_ve at t = t_end.
         harness_options: generator, device, dtype, x_init (x_T in the SDE's x-space),
             progress, callback (x in the SDE's x-space; data space after the last step).
 
     Returns: SampleResult(x, nfe), nfe = 2 N - 1 (denoise) or 2 (N - 1).
     """
     check_edm_options(sde, num_steps=num_steps, spacing=spacing, rho=rho, s_churn=s_churn,
-                      s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, eps=eps, denoise=denoise)
+                      s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, eps=eps,
+                      sigma_min=sigma_min, schedule=schedule, denoise=denoise)
     last = num_steps - 1 if denoise else num_steps - 2          # index of the final step
     with Harness(score_fn, sde, shape, name="edm", total=last + 1, **harness_options) as run:
-        sigmas = edm_sigmas(sde, num_steps, spacing=spacing, rho=rho, eps=eps)
+        sigmas = edm_sigmas(sde, num_steps, spacing=spacing, rho=rho, eps=eps,
+                            sigma_min=sigma_min, schedule=schedule)
         churn = _churn(sigmas[:-1], num_steps, s_churn, s_tmin, s_tmax, s_noise)
         t_hat, hat = run.points(run.schedule.t_from_sigma(churn[0]))       # line 5
         t_next, nxt = run.points(run.schedule.t_from_sigma(sigmas[1:-1]))  # sigma_1..sigma_{N-1}

@@ -7,6 +7,10 @@ and noise predictions of ``harness.Schedule``, and the probability-flow ODE is s
 exactly in its linear part in the half log-SNR lambda = log(alpha / std) (half of
 ``sde.log_snr``). The same code serves VP, sub-VP and VE (alpha = 1, std = sigma).
 
+End points: every grid runs from T to t_end, the time at which sigma = std / alpha equals
+``sigma_min`` (default ``SIGMA_MIN`` = 0.02 for every SDE) or, with sigma_min=None, t_end =
+eps; with ``denoise`` a final Tweedie step at t_end (one more NFE) returns data at t = 0.
+
 Each sampler precomputes its grid of ``SchedulePoint``s, and every update is a linear
 combination ``c_x x + sum_k c_k m_k`` of the state and model outputs m_k whose coefficients
 are host floats: the loop launches a handful of kernels per step and never synchronises.
@@ -20,13 +24,22 @@ import torch
 
 from sde_lib import SCHEDULE_DTYPE, SDE, check_bool, check_choice, check_int, check_real
 
-from .harness import DATA_POINT, Harness, SampleResult, Schedule, SchedulePoint, check_eps
+from .harness import (DATA_POINT, Harness, SampleResult, Schedule, SchedulePoint, check_eps,
+                      check_sigma_min, end_time)
+from .schedules_opt import check_schedule, schedule_fractions
 
 __all__ = ["timesteps", "ddim_sample", "dpm_solver_sample", "check_ddim_options", "Output",
            "check_dpm_solver_options", "ExponentialStep", "combine", "model_output", "singlestep_2", "singlestep_3",
-           "final_denoise", "SPACINGS",
+           "final_denoise", "SPACINGS", "SIGMA_MIN", "check_grid_options",
            "DPM_ALGORITHMS", "WARMUPS", "LOWER_ORDER_FINAL_BELOW"]
 
+#: The default end point of the few-step samplers' grids: sigma = std / alpha = 0.02 on every
+#: SDE (``sigma_min``; None ends at t = eps: sigma 0.0105 on VP, 1.1e-4 on sub-VP, 0.0101 on
+#: VE(0.01, .)). Chosen by bench/endpoints.py (exact scores, 2 Gaussians + 3 mixtures x VP /
+#: sub-VP / VE x 5 / 10 / 20 NFE; README "Few-step samplers: where the grids end"): at 10 and
+#: 20 NFE it beats eps on every SDE and 0.002 / 0.005 / 0.01; at 5 NFE on VP eps (= 0.0105)
+#: is better by 13 %.
+SIGMA_MIN = 0.02
 #: Valid ``spacing`` names of ``timesteps``.
 SPACINGS = ("logsnr", "uniform", "karras")
 #: Valid ``warmup`` names of ``dpm_solver_sample`` (how multistep order 3 starts).
@@ -40,25 +53,38 @@ LOWER_ORDER_FINAL_BELOW = 15
 
 # ----- time steps ---------------------------------------------------------------------------
 def timesteps(sde: SDE, num_steps: int, *, spacing: str = "logsnr", eps: float = 1e-3,
-              rho: float = 7.0, device=None) -> torch.Tensor:
-    """Decreasing times T = t_0 > t_1 > ... > t_n = eps, (num_steps + 1,) float64.
+              rho: float = 7.0, sigma_min: float | None = None, schedule: str | None = None,
+              device=None) -> torch.Tensor:
+    """Decreasing times T = t_0 > t_1 > ... > t_n = t_end, (num_steps + 1,) float64.
+
+    The end point t_end is ``eps``, or with ``sigma_min`` the time at which the noise level
+    sigma(t) = std / alpha equals sigma_min (the same noise level for every SDE;
+    ``harness.end_time``).
 
     spacing:
         "uniform": uniform in t.
-        "logsnr": uniform in lambda = sde.log_snr(t) between lambda(T) and lambda(eps)
+        "logsnr": uniform in lambda = sde.log_snr(t) between lambda(T) and lambda(t_end)
             (DPM-Solver's "logSNR" skip type), t = sde.t_from_log_snr(lambda).
         "karras": sigma_i = (sigma_max^(1/rho) + i/n (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
-            with sigma = exp(-lambda/2) = std/alpha, sigma_max = sigma(T), sigma_min = sigma(eps)
-            (Karras et al. 2022, eq. 5), mapped back to t.
-    The end points are exactly T and eps.
+            with sigma = exp(-lambda/2) = std/alpha, sigma_max = sigma(T), sigma_min =
+            sigma(t_end) (Karras et al. 2022, eq. 5), mapped back to t.
+    schedule: the path of a fitted step schedule (``samplers.schedules_opt``; replaces
+        ``spacing``): its noise levels for ``num_steps`` intervals, moved in log sigma from
+        the fitted range onto [sigma(t_end), sigma(T)] (unchanged when the ranges agree).
+    The end points are exactly T and t_end.
     """
     check_choice("spacing", spacing, SPACINGS)
     num_steps = check_int("num_steps", num_steps, 1)
-    eps = check_eps(sde, eps)
+    t_end = end_time(sde, eps, sigma_min)
     T = float(sde.T)
-    ends = torch.tensor([T, eps], dtype=SCHEDULE_DTYPE, device=device)
-    if spacing == "uniform":
-        t = torch.linspace(T, eps, num_steps + 1, dtype=SCHEDULE_DTYPE, device=device)
+    ends = torch.tensor([T, t_end], dtype=SCHEDULE_DTYPE, device=device)
+    if schedule is not None:
+        lam_T, lam_end = sde.log_snr(ends).unbind(0)
+        frac = torch.as_tensor(schedule_fractions(schedule, num_steps), dtype=SCHEDULE_DTYPE,
+                               device=device)
+        t = sde.t_from_log_snr(lam_T + frac * (lam_end - lam_T))
+    elif spacing == "uniform":
+        t = torch.linspace(T, t_end, num_steps + 1, dtype=SCHEDULE_DTYPE, device=device)
     else:
         lam_T, lam_eps = sde.log_snr(ends).unbind(0)
         frac = torch.linspace(0.0, 1.0, num_steps + 1, dtype=SCHEDULE_DTYPE, device=device)
@@ -70,7 +96,7 @@ def timesteps(sde: SDE, num_steps: int, *, spacing: str = "logsnr", eps: float =
             lo, hi = torch.exp(-lam_eps / (2 * rho)), torch.exp(-lam_T / (2 * rho))
             lam = -2.0 * rho * torch.log(hi + frac * (lo - hi))
         t = sde.t_from_log_snr(lam)
-    t[0], t[-1] = T, eps
+    t[0], t[-1] = T, t_end
     return t
 
 
@@ -191,25 +217,32 @@ def model_output(schedule: Schedule, x: torch.Tensor, t: torch.Tensor, point: Sc
 
 
 # ----- checks -------------------------------------------------------------------------------
-def _check_grid_options(sde: SDE, num_steps, spacing, eps, denoise) -> None:
-    check_int("num_steps", num_steps, 1)
+def check_grid_options(sde: SDE, num_steps, spacing, eps, denoise, sigma_min=None,
+                       schedule=None, intervals=None) -> None:
+    """ValueError naming the first bad grid option of a few-step sampler (``intervals``: the
+    grid's intervals if not num_steps, for the schedule file's entry)."""
+    num_steps = check_int("num_steps", num_steps, 1)
     check_choice("spacing", spacing, SPACINGS)
     check_eps(sde, eps)
+    if sigma_min is not None:
+        check_sigma_min(sde, sigma_min)
+    check_schedule(schedule, num_steps if intervals is None else intervals)
     check_bool("denoise", denoise)
 
 
 def check_ddim_options(sde: SDE, *, num_steps=20, eta=0.0, spacing="logsnr", eps=1e-3,
-                       denoise=True) -> None:
+                       sigma_min=SIGMA_MIN, schedule=None, denoise=True) -> None:
     """ValueError naming the first bad option of ``ddim_sample``."""
-    _check_grid_options(sde, num_steps, spacing, eps, denoise)
+    check_grid_options(sde, num_steps, spacing, eps, denoise, sigma_min, schedule)
     check_real("eta", eta)
 
 
 def check_dpm_solver_options(sde: SDE, *, num_steps=20, order=2, multistep=True,
-                             algorithm="dpmsolver++", spacing="logsnr", eps=1e-3, denoise=True,
+                             algorithm="dpmsolver++", spacing="logsnr", eps=1e-3,
+                             sigma_min=SIGMA_MIN, schedule=None, denoise=True,
                              warmup="lower_order", lower_order_final=True) -> None:
     """ValueError naming the first bad option of ``dpm_solver_sample``."""
-    _check_grid_options(sde, num_steps, spacing, eps, denoise)
+    check_grid_options(sde, num_steps, spacing, eps, denoise, sigma_min, schedule)
     check_int("order", order, 1, 3)
     check_bool("multistep", multistep)
     check_choice("algorithm", algorithm, DPM_ALGORITHMS)
@@ -217,14 +250,17 @@ def check_dpm_solver_options(sde: SDE, *, num_steps=20, order=2, multistep=True,
     check_bool("lower_order_final", lower_order_final)
 
 
-def _grid(run: Harness, num_steps: int, spacing: str, eps: float):
-    """(device (B,) times, host-float points) of the time steps T = t_0 > ... > t_n = eps."""
-    return run.points(timesteps(run.sde, num_steps, spacing=spacing, eps=eps))
+def _grid(run: Harness, num_steps: int, spacing: str, eps: float, sigma_min=None,
+          schedule=None):
+    """(device (B,) times, host-float points) of the time steps T = t_0 > ... > t_n = t_end
+    (``timesteps``); t_end = points[-1].t."""
+    return run.points(timesteps(run.sde, num_steps, spacing=spacing, eps=eps,
+                                sigma_min=sigma_min, schedule=schedule))
 
 
 def final_denoise(run: Harness, x: torch.Tensor, eps: float, step: int) -> torch.Tensor:
-    """The last denoising step of the Score SDE samplers: Tweedie's x0_hat at t = eps (one
-    more score evaluation)."""
+    """The last denoising step of the Score SDE samplers: Tweedie's x0_hat at the grid's last
+    time ``eps`` (t_end; one more score evaluation)."""
     point = run.schedule.at(torch.tensor(eps, dtype=SCHEDULE_DTYPE, device=run.x.device))
     x0 = run.schedule.denoise(x, point)
     return run.step(step, x0, DATA_POINT, denoised=x0)
@@ -232,8 +268,9 @@ def final_denoise(run: Harness, x: torch.Tensor, eps: float, step: int) -> torch
 
 # ----- DDIM ---------------------------------------------------------------------------------
 def ddim_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, eta: float = 0.0,
-                spacing: str = "logsnr", eps: float = 1e-3, denoise: bool = True,
-                **harness_options) -> SampleResult:
+                spacing: str = "logsnr", eps: float = 1e-3,
+                sigma_min: float | None = SIGMA_MIN, schedule: str | None = None,
+                denoise: bool = True, **harness_options) -> SampleResult:
     """DDIM (Song, Meng & Ermon 2021, eq. 12) for any kernel x_t = alpha_t x_0 + std_t z.
 
     From time s to the next (smaller) time t, with x0_hat, eps_hat the predictions at (x, s):
@@ -249,15 +286,21 @@ def ddim_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, eta
         sde, shape: the forward SDE; (B, *data_shape).
         num_steps: steps from T to eps (one score evaluation each).
         eta: stochasticity, >= 0. spacing: "logsnr", "uniform" or "karras" (``timesteps``).
-        eps: the last time; denoise: one more evaluation for the Tweedie step at eps.
+        eps: the last time, unless sigma_min is set.
+        sigma_min: end the grid at the time t_end where sigma = std / alpha = sigma_min
+            (default ``SIGMA_MIN`` = 0.02, the same noise level on every SDE); None: at
+            t_end = eps.
+        schedule: a fitted step schedule file (``samplers.schedules_opt``), replacing spacing.
+        denoise: one more evaluation for the Tweedie step at t_end (to t = 0).
         harness_options: generator, device, dtype, x_init, progress, callback (``harness``).
 
+    End point: the grid ends at t_end, then the Tweedie step (denoise) returns data.
     Returns: SampleResult(x, nfe) with nfe = num_steps (+ 1 if denoise).
     """
     check_ddim_options(sde, num_steps=num_steps, eta=eta, spacing=spacing, eps=eps,
-                       denoise=denoise)
+                       sigma_min=sigma_min, schedule=schedule, denoise=denoise)
     with Harness(score_fn, sde, shape, name="ddim", total=num_steps, **harness_options) as run:
-        times, points = _grid(run, num_steps, spacing, eps)
+        times, points = _grid(run, num_steps, spacing, eps, sigma_min, schedule)
         x = run.x
         for i in range(num_steps):
             c_x, c_score, c_z = _ddim_coefficients(points[i], points[i + 1], eta)
@@ -266,7 +309,7 @@ def ddim_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, eta
                 x = x.add_(run.noise(x), alpha=c_z)
             x = run.step(i, x, points[i + 1])
         if denoise:
-            x = final_denoise(run, x, eps, num_steps)
+            x = final_denoise(run, x, points[-1].t, num_steps)
         return run.result(x)
 
 
@@ -282,9 +325,10 @@ def _ddim_coefficients(s: SchedulePoint, t: SchedulePoint, eta: float):
 # ----- DPM-Solver(++) -----------------------------------------------------------------------
 def dpm_solver_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, order: int = 2,
                       multistep: bool = True, algorithm: str = "dpmsolver++",
-                      spacing: str = "logsnr", eps: float = 1e-3, denoise: bool = True,
-                      warmup: str = "lower_order", lower_order_final: bool = True,
-                      **harness_options) -> SampleResult:
+                      spacing: str = "logsnr", eps: float = 1e-3,
+                      sigma_min: float | None = SIGMA_MIN, schedule: str | None = None,
+                      denoise: bool = True, warmup: str = "lower_order",
+                      lower_order_final: bool = True, **harness_options) -> SampleResult:
     """DPM-Solver (noise prediction) / DPM-Solver++ (data prediction), orders 1-3.
 
     Single-step (``multistep=False``): order 2 through lam_s + h/2 (DPM-Solver-2,
@@ -303,18 +347,20 @@ def dpm_solver_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 2
     Args:
         order: 1, 2 or 3. multistep: multistep or single-step. algorithm: "dpmsolver++" or
             "dpmsolver". num_steps: (outer) steps. warmup, lower_order_final: see above.
-        spacing, eps, denoise, harness_options: as in ``ddim_sample``.
+        spacing, eps, sigma_min, schedule, denoise, harness_options: as in ``ddim_sample``
+            (the grid ends at t_end, then the Tweedie step).
 
     Returns: SampleResult(x, nfe), nfe = num_steps * (1 or order) (+ 1 with
     warmup="singlestep" and 3M) (+ 1 if denoise).
     """
     check_dpm_solver_options(sde, num_steps=num_steps, order=order, multistep=multistep,
-                             algorithm=algorithm, spacing=spacing, eps=eps, denoise=denoise,
-                             warmup=warmup, lower_order_final=lower_order_final)
+                             algorithm=algorithm, spacing=spacing, eps=eps, sigma_min=sigma_min,
+                             schedule=schedule, denoise=denoise, warmup=warmup,
+                             lower_order_final=lower_order_final)
     data = algorithm == "dpmsolver++"
     name = f"dpm_solver ({algorithm}, order {order})"
     with Harness(score_fn, sde, shape, name=name, total=num_steps, **harness_options) as run:
-        times, points = _grid(run, num_steps, spacing, eps)
+        times, points = _grid(run, num_steps, spacing, eps, sigma_min, schedule)
         if multistep or order == 1:
             orders = _multistep_orders(num_steps, order, lower_order_final)
             first_singlestep = order == 3 and warmup == "singlestep"
@@ -322,7 +368,7 @@ def dpm_solver_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 2
         else:
             x = _singlestep_loop(run, times, points, order, data)
         if denoise:
-            x = final_denoise(run, x, eps, num_steps)
+            x = final_denoise(run, x, points[-1].t, num_steps)
         return run.result(x)
 
 

@@ -57,7 +57,8 @@ from sde_lib import SCHEDULE_DTYPE, SDE, append_dims, check_int, check_time
 
 __all__ = ["SampleResult", "CountingScore", "SchedulePoint", "Schedule", "Harness",
            "HARNESS_OPTIONS", "initial_state", "progress_bar", "std_normal_like", "check_eps",
-           "time_grid", "check_generator", "Sampler", "DATA_POINT"]
+           "time_grid", "check_generator", "Sampler", "DATA_POINT", "check_sigma_min",
+           "end_time"]
 
 log = logging.getLogger("samplers")
 
@@ -214,6 +215,29 @@ def _cast(v, x: torch.Tensor):
 def check_eps(sde: SDE, eps) -> float:
     """The smallest sampling time as a float, or a ValueError when it is not in (0, T)."""
     return check_time("eps (the smallest sampling time)", eps, sde.T)
+
+
+def check_sigma_min(sde: SDE, sigma_min) -> float:
+    """The time at which sigma(t) = std / alpha = ``sigma_min``, or a one-line ValueError
+    naming sigma_min when it is not a number strictly between sigma(0) (the SDE's noise
+    level at t -> 0: 0 for VP and sub-VP, its sigma_min for VE) and sigma(T)."""
+    ok = (not isinstance(sigma_min, bool) and isinstance(sigma_min, (int, float))
+          and math.isfinite(sigma_min) and sigma_min > 0)
+    ends = torch.tensor([0.0, float(sde.T)], dtype=SCHEDULE_DTYPE)
+    with torch.no_grad():
+        low, high = torch.exp(-0.5 * sde.log_snr(ends)).tolist()
+    t = float(Schedule(sde).t_from_sigma(float(sigma_min))) if ok else math.nan
+    if not (ok and low < sigma_min < high and 0.0 < t < sde.T):
+        raise ValueError(f"sigma_min (the last noise level std/alpha) must be a number in "
+                         f"({low:.4g}, {high:.4g}) for {type(sde).__name__}, got {sigma_min!r}")
+    return t
+
+
+def end_time(sde: SDE, eps, sigma_min=None) -> float:
+    """The last time of a few-step sampler's grid: ``eps``, or with ``sigma_min`` (not None)
+    the time at which sigma(t) = std / alpha = sigma_min (``check_sigma_min``)."""
+    eps = check_eps(sde, eps)
+    return eps if sigma_min is None else check_sigma_min(sde, sigma_min)
 
 
 def time_grid(sde: SDE, num_steps: int, eps: float, device=None) -> torch.Tensor:

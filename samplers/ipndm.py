@@ -23,17 +23,18 @@ sigma (log-SNR, Karras) one step errs like h^3 whatever the order, and the first
 step like h^2: globally orders 2-4 are second order (tests/test_ipndm.py measures 1.9-2.1),
 though orders 3-4 have smaller error constants at few steps.
 
-Noise levels: sigma(t_i) on ``fast.timesteps`` (T = t_0 > ... > t_n = eps); NFE = num_steps
-(+ 1 for the final Tweedie step at eps with ``denoise``, k-diffusion's step to sigma = 0).
+Noise levels: sigma(t_i) on ``fast.timesteps`` (T = t_0 > ... > t_n = t_end, the time of
+sigma_min = 0.02 by default, or eps with sigma_min=None); NFE = num_steps (+ 1 for the final
+Tweedie step at t_end with ``denoise``, k-diffusion's step to sigma = 0).
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from sde_lib import SDE, check_bool, check_choice, check_int
+from sde_lib import SDE, check_int
 
-from .fast import SPACINGS, Output, combine, final_denoise, timesteps
-from .harness import Harness, SampleResult, check_eps
+from .fast import SIGMA_MIN, Output, check_grid_options, combine, final_denoise, timesteps
+from .harness import Harness, SampleResult
 
 __all__ = ["ipndm_sample", "check_ipndm_options", "ADAMS_BASHFORTH"]
 
@@ -47,18 +48,16 @@ ADAMS_BASHFORTH = {
 
 
 def check_ipndm_options(sde: SDE, *, num_steps=20, order=4, spacing="logsnr", eps=1e-3,
-                        denoise=True) -> None:
+                        sigma_min=SIGMA_MIN, schedule=None, denoise=True) -> None:
     """ValueError naming the first bad option of ``ipndm_sample``."""
-    check_int("num_steps", num_steps, 1)
+    check_grid_options(sde, num_steps, spacing, eps, denoise, sigma_min, schedule)
     check_int("order", order, 1, 4)
-    check_choice("spacing", spacing, SPACINGS)
-    check_eps(sde, eps)
-    check_bool("denoise", denoise)
 
 
 def ipndm_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, order: int = 4,
-                 spacing: str = "logsnr", eps: float = 1e-3, denoise: bool = True,
-                 **harness_options) -> SampleResult:
+                 spacing: str = "logsnr", eps: float = 1e-3,
+                 sigma_min: float | None = SIGMA_MIN, schedule: str | None = None,
+                 denoise: bool = True, **harness_options) -> SampleResult:
     """iPNDM (Zhang & Chen 2023): fixed-coefficient Adams-Bashforth in sigma on the noise
     prediction, orders warming up as min(order, i + 1); see the module docstring.
 
@@ -67,17 +66,21 @@ def ipndm_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, or
         sde, shape: the forward SDE; (B, *data_shape).
         num_steps: steps from T to eps on ``fast.timesteps`` (one evaluation each).
         order: the Adams-Bashforth order, 1-4 (1: Euler in sigma = DDIM with eta = 0).
-        spacing: "logsnr", "uniform" or "karras" (``fast.timesteps``). eps: the last time.
-        denoise: one more evaluation for the Tweedie step at eps (as ``fast``).
+        spacing: "logsnr", "uniform" or "karras" (``fast.timesteps``). eps: the last time,
+            unless sigma_min is set.
+        sigma_min, schedule: the grid's end noise level and a fitted step schedule file (as
+            ``fast.ddim_sample``).
+        denoise: one more evaluation for the Tweedie step at the grid's end t_end (as ``fast``).
         harness_options: generator, device, dtype, x_init, progress, callback, projection.
 
     Returns: SampleResult(x (B, ...), nfe), nfe = num_steps (+ 1 if denoise).
     """
     check_ipndm_options(sde, num_steps=num_steps, order=order, spacing=spacing, eps=eps,
-                        denoise=denoise)
+                        sigma_min=sigma_min, schedule=schedule, denoise=denoise)
     with Harness(score_fn, sde, shape, name=f"ipndm (order {order})", total=num_steps,
                  **harness_options) as run:
-        times, points = run.points(timesteps(sde, num_steps, spacing=spacing, eps=eps))
+        times, points = run.points(timesteps(sde, num_steps, spacing=spacing, eps=eps,
+                                             sigma_min=sigma_min, schedule=schedule))
         steps = []
         for i in range(num_steps):
             s, t = points[i], points[i + 1]
@@ -91,5 +94,5 @@ def ipndm_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, or
             x = combine(x, c_x, coefficients, history)
             x = run.step(i, x, points[i + 1])
         if denoise:
-            x = final_denoise(run, x, eps, num_steps)
+            x = final_denoise(run, x, points[-1].t, num_steps)
         return run.result(x)

@@ -25,7 +25,8 @@ the next step uses (the paper's key point), so UniPC-p has order p + 1 at the NF
 Globally the lower-order warm-up steps bound this: UniPC-3 starts with UniPC-1 (local error
 h^3) and measures third order where the first step matters (tests/test_unipc.py).
 It is not applied after the last step (that evaluation would be used by nothing), so the
-NFE is num_steps (+ 1 for the final Tweedie step with ``denoise``), as for multistep
+NFE is num_steps (+ 1 for the final Tweedie step with ``denoise``, at the grid's end t_end:
+where sigma = sigma_min, 0.02 by default, or eps with sigma_min=None), as for multistep
 DPM-Solver. Orders warm up as p_i = min(order, i + 1) and, with ``lower_order_final``, as in
 ``fast.dpm_solver_sample``, fall to min(order, num_steps - i) for runs of fewer than
 ``fast.LOWER_ORDER_FINAL_BELOW`` steps (the authors' code lowers them at any step count).
@@ -42,8 +43,9 @@ import torch
 
 from sde_lib import SCHEDULE_DTYPE, SDE, check_bool, check_choice, check_int
 
-from .fast import LOWER_ORDER_FINAL_BELOW, SPACINGS, combine, final_denoise, model_output, timesteps
-from .harness import Harness, SampleResult, SchedulePoint, check_eps
+from .fast import (LOWER_ORDER_FINAL_BELOW, SIGMA_MIN, check_grid_options, combine,
+                   final_denoise, model_output, timesteps)
+from .harness import Harness, SampleResult, SchedulePoint
 
 __all__ = ["unipc_sample", "check_unipc_options", "unipc_coefficients", "UNIPC_VARIANTS",
            "UNIPC_ALGORITHMS"]
@@ -56,17 +58,15 @@ UNIPC_ALGORITHMS = ("data_prediction", "noise_prediction")
 
 
 def check_unipc_options(sde: SDE, *, num_steps=20, order=2, variant="bh2", use_corrector=True,
-                        algorithm="data_prediction", spacing="logsnr", eps=1e-3, denoise=True,
+                        algorithm="data_prediction", spacing="logsnr", eps=1e-3,
+                        sigma_min=SIGMA_MIN, schedule=None, denoise=True,
                         lower_order_final=True) -> None:
     """ValueError naming the first bad option of ``unipc_sample``."""
-    check_int("num_steps", num_steps, 1)
+    check_grid_options(sde, num_steps, spacing, eps, denoise, sigma_min, schedule)
     check_int("order", order, 1, 3)
     check_choice("variant", variant, UNIPC_VARIANTS)
     check_bool("use_corrector", use_corrector)
     check_choice("algorithm", algorithm, UNIPC_ALGORITHMS)
-    check_choice("spacing", spacing, SPACINGS)
-    check_eps(sde, eps)
-    check_bool("denoise", denoise)
     check_bool("lower_order_final", lower_order_final)
 
 
@@ -131,6 +131,7 @@ def _orders(num_steps: int, order: int, lower_order_final: bool) -> list[int]:
 def unipc_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, order: int = 2,
                  variant: str = "bh2", use_corrector: bool = True,
                  algorithm: str = "data_prediction", spacing: str = "logsnr", eps: float = 1e-3,
+                 sigma_min: float | None = SIGMA_MIN, schedule: str | None = None,
                  denoise: bool = True, lower_order_final: bool = True,
                  **harness_options) -> SampleResult:
     """Multistep UniPC (Zhao et al. 2023): UniP-p (Alg. 2) with the UniC-p corrector (Alg. 1)
@@ -145,8 +146,11 @@ def unipc_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, or
         use_corrector: apply UniC (no extra evaluation); False: UniP alone (order 1 of it is
             DDIM / DPM-Solver++(1)).
         algorithm: "data_prediction" (x0_hat, as DPM-Solver++) or "noise_prediction".
-        spacing: "logsnr", "uniform" or "karras" (``fast.timesteps``). eps: the last time.
-        denoise: one more evaluation for the Tweedie step at eps (as ``fast``).
+        spacing: "logsnr", "uniform" or "karras" (``fast.timesteps``). eps: the last time,
+            unless sigma_min is set.
+        sigma_min, schedule: the grid's end noise level and a fitted step schedule file (as
+            ``fast.ddim_sample``).
+        denoise: one more evaluation for the Tweedie step at the grid's end t_end (as ``fast``).
         lower_order_final: see the module docstring.
         harness_options: generator, device, dtype, x_init, progress, callback, projection.
 
@@ -154,11 +158,13 @@ def unipc_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, or
     """
     check_unipc_options(sde, num_steps=num_steps, order=order, variant=variant,
                         use_corrector=use_corrector, algorithm=algorithm, spacing=spacing,
-                        eps=eps, denoise=denoise, lower_order_final=lower_order_final)
+                        eps=eps, sigma_min=sigma_min, schedule=schedule, denoise=denoise,
+                        lower_order_final=lower_order_final)
     data = algorithm == "data_prediction"
     name = f"unipc ({variant}, order {order}{', corrector' if use_corrector else ''})"
     with Harness(score_fn, sde, shape, name=name, total=num_steps, **harness_options) as run:
-        times, points = run.points(timesteps(sde, num_steps, spacing=spacing, eps=eps))
+        times, points = run.points(timesteps(sde, num_steps, spacing=spacing, eps=eps,
+                                             sigma_min=sigma_min, schedule=schedule))
         orders = _orders(num_steps, order, lower_order_final)
         steps = [unipc_coefficients(points[i], points[i + 1], points[i - k + 1:i][::-1], data,
                                     variant) for i, k in enumerate(orders)]
@@ -176,5 +182,5 @@ def unipc_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, or
                 x_next = combine(x, c_xc, c_c, history[:k] + [m_t])            # UniC-p
             x = run.step(i, x_next, points[i + 1])
         if denoise:
-            x = final_denoise(run, x, eps, num_steps)
+            x = final_denoise(run, x, points[-1].t, num_steps)
         return run.result(x)

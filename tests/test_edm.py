@@ -22,7 +22,8 @@ F64 = torch.float64
 
 def _edm(**kw):
     def run(score, sde, x_T, n):
-        return edm_sample(score, sde, x_T.shape, num_steps=n, x_init=x_T, denoise=False, **kw)
+        return edm_sample(score, sde, x_T.shape, num_steps=n, x_init=x_T, denoise=False,
+                          sigma_min=None, **kw)
     return run
 
 
@@ -38,7 +39,7 @@ def test_edm_heun_is_second_order(sde_name):
 @pytest.mark.parametrize("sde_name", SDES)
 def test_edm_sigmas_and_nfe(sde_name):
     sde = SDES[sde_name]()
-    sig = edm_sigmas(sde, 18, eps=1e-3)
+    sig = edm_sigmas(sde, 18, eps=1e-3, sigma_min=None)
     ends = torch.tensor([sde.T, 1e-3], dtype=F64)
     a, s = sde.marginal_coeffs(ends)
     assert sig.shape == (19,) and sig[-1].item() == 0.0 and (sig[1:] < sig[:-1]).all()
@@ -46,9 +47,10 @@ def test_edm_sigmas_and_nfe(sde_name):
     x_T = sde.prior_sampling((4, 4), generator=torch.Generator().manual_seed(0), dtype=F64)
     score = flow_problem_score(sde)
     seen = []
-    r = edm_sample(score, sde, (4, 4), x_init=x_T, callback=lambda d: seen.append(d["step"]))
+    r = edm_sample(score, sde, (4, 4), x_init=x_T, sigma_min=None,
+                   callback=lambda d: seen.append(d["step"]))
     assert r.nfe == 35 and seen == list(range(18))          # the paper's 35 NFE for N = 18
-    r_state = edm_sample(score, sde, (4, 4), x_init=x_T, denoise=False)
+    r_state = edm_sample(score, sde, (4, 4), x_init=x_T, denoise=False, sigma_min=None)
     assert r_state.nfe == 34
     # the last (Euler to sigma = 0) step is the Tweedie denoising step at eps
     a_eps, s_eps = (v.item() for v in sde.marginal_coeffs(torch.tensor(1e-3, dtype=F64)))

@@ -88,12 +88,13 @@ def _dpm(order, multistep, algorithm, **kw):
     def run(score, sde, x_T, n):
         return dpm_solver_sample(score, sde, x_T.shape, num_steps=n, order=order,
                                  multistep=multistep, algorithm=algorithm, x_init=x_T,
-                                 denoise=False, **kw)
+                                 denoise=False, sigma_min=None, **kw)
     return run
 
 
 def _ddim(score, sde, x_T, n):
-    return ddim_sample(score, sde, x_T.shape, num_steps=n, x_init=x_T, denoise=False)
+    return ddim_sample(score, sde, x_T.shape, num_steps=n, x_init=x_T, denoise=False,
+                       sigma_min=None)
 
 
 # (id, run, expected order, steps). Measured fitted orders (VP / sub-VP / VE):
@@ -165,7 +166,8 @@ def test_ddim_eta1_step_is_the_exact_posterior(sde_name, eta):
 
     (a_t, a_s), (sd_t, sd_s) = sde.marginal_coeffs(torch.tensor([1.0, s_time], dtype=F64))
     x_t = a_t * x0 + sd_t * torch.randn(n, 2, generator=torch.Generator().manual_seed(7), dtype=F64)
-    x_s = ddim_sample(score, sde, (n, 2), num_steps=1, eta=eta, eps=s_time, x_init=x_t,
+    x_s = ddim_sample(score, sde, (n, 2), num_steps=1, eta=eta, eps=s_time, sigma_min=None,
+                      x_init=x_t,
                       denoise=False, generator=torch.Generator().manual_seed(8)).x
     cs, ct = x_s - a_s * x0, x_t - a_t * x0
     cov = a_t / a_s * sd_s ** 2 if eta == 1.0 else sd_s * sd_t
@@ -246,7 +248,7 @@ def test_lower_order_final(sde_name, algorithm):
     def run(n, **kw):
         states = []
         r = dpm_solver_sample(score, sde, x_T.shape, num_steps=n, x_init=x_T, denoise=False,
-                              algorithm=algorithm, callback=lambda d: states.append(d["x"]),
+                              sigma_min=None, algorithm=algorithm, callback=lambda d: states.append(d["x"]),
                               **kw)
         return r.x, states
 
@@ -268,7 +270,7 @@ def test_lower_order_final(sde_name, algorithm):
     torch.testing.assert_close(on, expected, rtol=1e-12, atol=1e-12)
     # order 3, 2 steps: orders 1, 1 = DPM-Solver-1 = DDIM
     torch.testing.assert_close(run(2, order=3)[0], ddim_sample(
-        score, sde, x_T.shape, num_steps=2, x_init=x_T, denoise=False).x, rtol=1e-10,
+        score, sde, x_T.shape, num_steps=2, x_init=x_T, denoise=False, sigma_min=None).x, rtol=1e-10,
         atol=1e-10)
     # >= 15 steps and single-step: no change
     for kw in (dict(num_steps=15, order=3), dict(num_steps=6, order=3, multistep=False)):

@@ -25,7 +25,7 @@ N_GAUSS = 2000
 def _ipndm(order):
     def run(score, sde, x_T, n):
         return ipndm_sample(score, sde, x_T.shape, num_steps=n, order=order, x_init=x_T,
-                            denoise=False)
+                            denoise=False, sigma_min=None)
     return run
 
 
@@ -108,7 +108,7 @@ def test_matches_adams_bashforth_in_ve_coordinates(sde_name, order):
         weights = ADAMS_BASHFORTH[min(order, i + 1)]
         x_ve = x_ve + (sigma[i + 1] - sigma[i]) * sum(c * d for c, d in zip(weights, ds))
     result = ipndm_sample(score, sde, x_T.shape, num_steps=n, order=order, x_init=x_T,
-                          denoise=False)
+                          denoise=False, sigma_min=None)
     torch.testing.assert_close(result.x, alpha[n] * x_ve, rtol=1e-12, atol=1e-12)
     assert result.nfe == n
 
@@ -186,5 +186,6 @@ def test_bad_options_name_the_option(option, value):
 def test_registered_and_exported():
     assert samplers.SAMPLERS["ipndm"].fn is ipndm_sample
     assert samplers.SAMPLERS["ipndm"].defaults == dict(num_steps=20, order=4, spacing="logsnr",
-                                                        eps=1e-3, denoise=True)
+                                                        eps=1e-3, sigma_min=0.02,
+                                                        schedule=None, denoise=True)
     assert "ipndm_sample" in samplers.__all__ and samplers.ipndm_sample is ipndm_sample

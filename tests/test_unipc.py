@@ -27,7 +27,8 @@ DPM_ALGORITHM = {"data_prediction": "dpmsolver++", "noise_prediction": "dpmsolve
 
 def _unipc(**kw):
     def run(score, sde, x_T, n):
-        return unipc_sample(score, sde, x_T.shape, num_steps=n, x_init=x_T, denoise=False, **kw)
+        return unipc_sample(score, sde, x_T.shape, num_steps=n, x_init=x_T, denoise=False,
+                            sigma_min=None, **kw)
     return run
 
 
@@ -148,7 +149,7 @@ def test_corrector_output_is_reused_and_the_last_step_is_not_corrected(sde_name)
     seen = []
     n = 6
     on = unipc_sample(score, sde, x_T.shape, num_steps=n, x_init=x_T, denoise=False,
-                      callback=seen.append)
+                      sigma_min=None, callback=seen.append)
     off = unipc_sample(score, sde, x_T.shape, num_steps=n, x_init=x_T, denoise=False,
                        use_corrector=False)
     assert on.nfe == off.nfe == n and [p["step"] for p in seen] == list(range(n))
@@ -259,5 +260,6 @@ def test_registered_and_exported():
     assert samplers.SAMPLERS["unipc"].fn is unipc_sample
     assert samplers.SAMPLERS["unipc"].defaults == dict(
         num_steps=20, order=2, variant="bh2", use_corrector=True, algorithm="data_prediction",
-        spacing="logsnr", eps=1e-3, denoise=True, lower_order_final=True)
+        spacing="logsnr", eps=1e-3, sigma_min=0.02, schedule=None, denoise=True,
+        lower_order_final=True)
     assert "unipc_sample" in samplers.__all__ and samplers.unipc_sample is unipc_sample
