@@ -17,6 +17,8 @@ tensors are cast to them. Gradients of any order flow through (only conv/pad/sli
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Sequence
 
 import torch
@@ -106,10 +108,21 @@ def setup_kernel(k) -> torch.Tensor:
     return k / total
 
 
-def _kernel(k, factor: int, scale: float) -> torch.Tensor:
+def _kernel(k, factor: int, scale: float, like: torch.Tensor) -> torch.Tensor:
+    """setup_kernel(k) * scale on ``like``'s device and dtype; for a kernel given as numbers
+    (the layers' tuples) made once per device and dtype and cached, so a forward pass makes
+    no host-to-device copy (which would stall the host on CUDA)."""
     if not isinstance(factor, int) or factor < 1:
         raise ValueError(f"factor must be an integer >= 1, got {factor!r}")
-    return setup_kernel([1] * factor if k is None else k) * scale
+    if torch.is_tensor(k):
+        return (setup_kernel(k) * scale).to(device=like.device, dtype=like.dtype)
+    key = None if k is None else tuple(float(v) for v in k)
+    return _cached_kernel(key, factor, float(scale), like.device, like.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_kernel(k, factor: int, scale: float, device: torch.device, dtype: torch.dtype):
+    return (setup_kernel([1] * factor if k is None else k) * scale).to(device=device, dtype=dtype)
 
 
 def _square_weight(w: torch.Tensor) -> int:
@@ -128,7 +141,7 @@ def upsample_2d(x: torch.Tensor, k: Sequence[float] | torch.Tensor | None = DEFA
     ``[1] * factor``: nearest-neighbour upsampling. Padding (with p = len(k) - factor):
     ((p + 1) // 2 + factor - 1, p // 2).
     """
-    k = _kernel(k, factor, gain * factor ** 2)
+    k = _kernel(k, factor, gain * factor ** 2, x)
     p = k.shape[0] - factor
     return upfirdn2d(x, k, up=factor, pad=((p + 1) // 2 + factor - 1, p // 2))
 
@@ -140,7 +153,7 @@ def downsample_2d(x: torch.Tensor, k: Sequence[float] | torch.Tensor | None = DE
     The kernel is ``setup_kernel(k) * gain``. ``k=None`` is ``[1] * factor``: average pooling.
     Padding (with p = len(k) - factor): ((p + 1) // 2, p // 2).
     """
-    k = _kernel(k, factor, gain)
+    k = _kernel(k, factor, gain, x)
     p = k.shape[0] - factor
     return upfirdn2d(x, k, down=factor, pad=((p + 1) // 2, p // 2))
 
@@ -167,7 +180,7 @@ def upsample_conv_2d(x: torch.Tensor, w: torch.Tensor,
     r = _square_weight(w)
     if w.shape[1] != x.shape[1]:
         raise ValueError(f"weight expects {w.shape[1]} input channels, x has {x.shape[1]}")
-    k = _kernel(k, factor, gain * factor ** 2)
+    k = _kernel(k, factor, gain * factor ** 2, x)
     p = k.shape[0] - factor - (r - 1)
     # conv_transpose2d takes (in, out, r, r) and correlates the flipped kernel: swapping the
     # channel axes and flipping makes it the full correlation of the upsampled x with w.
@@ -191,7 +204,7 @@ def conv_downsample_2d(x: torch.Tensor, w: torch.Tensor,
     except near the borders.
     """
     r = _square_weight(w)
-    k = _kernel(k, factor, gain)
+    k = _kernel(k, factor, gain, x)
     p = k.shape[0] - factor + (r - 1)
     x = upfirdn2d(x, k, pad=((p + 1) // 2, p // 2))
     return F.conv2d(x, w, stride=factor)
