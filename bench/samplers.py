@@ -540,6 +540,258 @@ def overhead_comparison_table(rows) -> str:
                      "ratio of the latter to k-diffusion dpmpp_2m"], lines)
 
 
+# ----- few-step race, round two (issue 14 item 3): held-out distributions ---------------------
+def _rotation(dim: int, g: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=F64))
+    return q * torch.sign(torch.diagonal(r))[None, :]
+
+
+def correlated_gaussian16(seed: int = 31) -> sde_lib.GaussianMixture:
+    """16-D Gaussian with AR(1) correlations 0.9^|i-j| between coordinates whose stds are
+    log-spaced 0.05..1.2 in a seeded order, mean N(0, 0.5^2) (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    dim = 16
+    stds = torch.logspace(math.log10(0.05), math.log10(1.2), dim, dtype=F64)
+    stds = stds[torch.randperm(dim, generator=g)]
+    idx = torch.arange(dim, dtype=F64)
+    corr = 0.9 ** (idx[:, None] - idx[None, :]).abs()
+    cov = stds[:, None] * corr * stds[None, :]
+    mean = 0.5 * torch.randn(dim, generator=g, dtype=F64)
+    return sde_lib.GaussianMixture(torch.ones(1, dtype=F64), mean[None], cov[None])
+
+
+def unequal_mixture32(seed: int = 47) -> sde_lib.GaussianMixture:
+    """32-D, 10 components: means N(0, 2^2 I), covariances Q diag(s^2) Q^T with s log-uniform
+    in [0.05, 0.5] and Q a random rotation, weights 0.7^k (k = 0..9: 1 to 0.04)."""
+    g = torch.Generator().manual_seed(seed)
+    dim, k = 32, 10
+    means = 2.0 * torch.randn(k, dim, generator=g, dtype=F64)
+    covs = []
+    for _ in range(k):
+        q = _rotation(dim, g)
+        u = torch.rand(dim, generator=g, dtype=F64)
+        s = torch.exp(math.log(0.05) + u * (math.log(0.5) - math.log(0.05)))
+        covs.append(q @ torch.diag(s ** 2) @ q.T)
+    weights = 0.7 ** torch.arange(k, dtype=F64)
+    return sde_lib.GaussianMixture(weights, means, torch.stack(covs))
+
+
+def spiral_mixture20() -> sde_lib.GaussianMixture:
+    """2-D: 20 small Gaussians along an Archimedean spiral, angle 0.5 + 0.55 k, radius
+    0.2 + 0.11 k (k = 0..19), std 0.03 + 0.002 k, weights 1 + (k mod 4)."""
+    k = torch.arange(20, dtype=F64)
+    theta, radius = 0.5 + 0.55 * k, 0.2 + 0.11 * k
+    means = torch.stack([radius * torch.cos(theta), radius * torch.sin(theta)], dim=1)
+    stds = 0.03 + 0.002 * k
+    covs = stds[:, None, None] ** 2 * torch.eye(2, dtype=F64)
+    return sde_lib.GaussianMixture(1.0 + k % 4, means, covs)
+
+
+#: Held-out distributions of the race (none was used to choose a default): name -> factory.
+RACE_DISTRIBUTIONS = {"corr16": correlated_gaussian16, "mix32": unequal_mixture32,
+                      "spiral20": spiral_mixture20}
+RACE_SDES = {"VP": lambda: sde_lib.VPSDE(), "subVP": lambda: sde_lib.subVPSDE(),
+             "VE": lambda: sde_lib.VESDE(sigma_min=0.01, sigma_max=20.0)}
+#: The end point given to k-diffusion besides sigma(eps): our default sigma_min.
+RACE_K_SIGMA_MIN = 0.02
+
+
+def race_our_cases(budget: int):
+    """(label, sampler name, options): ours at ``budget`` NFE, the final Tweedie step counted
+    (num_steps = budget - 1; EDM: (budget + 1) // 2 levels). The first two rows are what a
+    user gets from ``--sampler dpm_solver`` / ``--sampler unipc`` (registry defaults)."""
+    n = budget - 1
+    out = [("dpm_solver (default)", "dpm_solver", dict(num_steps=n)),
+           ("unipc (default)", "unipc", dict(num_steps=n)),
+           ("ddim", "ddim", dict(num_steps=n)),
+           ("ipndm (default, order 4)", "ipndm", dict(num_steps=n)),
+           ("edm", "edm", dict(num_steps=(budget + 1) // 2)),
+           ("dpm_solver 2M lof=off", "dpm_solver", dict(num_steps=n, lower_order_final=False)),
+           ("dpm_solver 3M", "dpm_solver", dict(num_steps=n, order=3)),
+           ("dpm_solver 3M lof=off", "dpm_solver", dict(num_steps=n, order=3,
+                                                         lower_order_final=False)),
+           ("dpm_solver 2M karras", "dpm_solver", dict(num_steps=n, spacing="karras")),
+           ("dpm_solver 2M sigma_min=eps", "dpm_solver", dict(num_steps=n, sigma_min=None)),
+           ("unipc order 3", "unipc", dict(num_steps=n, order=3)),
+           ("unipc order 3 lof=off", "unipc", dict(num_steps=n, order=3,
+                                                   lower_order_final=False)),
+           ("unipc bh1", "unipc", dict(num_steps=n, variant="bh1")),
+           ("unipc bh1 order 3", "unipc", dict(num_steps=n, variant="bh1", order=3)),
+           ("unipc lof=off", "unipc", dict(num_steps=n, lower_order_final=False)),
+           ("unipc sigma_min=eps", "unipc", dict(num_steps=n, sigma_min=None)),
+           ("ipndm order 3", "ipndm", dict(num_steps=n, order=3))]
+    return out
+
+
+#: k-diffusion's deterministic (and two ancestral) fixed-step samplers: name -> (NFE per step
+#: but the last, extra keyword arguments). Its last step (to sigma = 0) takes one evaluation.
+RACE_K_SAMPLERS = {"euler": (1, {}), "heun": (2, {}), "dpm_2": (2, {}), "lms": (1, {}),
+                   "dpmpp_2m": (1, {}), "dpmpp_2m_sde": (1, dict(eta=0.0)),
+                   "dpmpp_3m_sde": (1, dict(eta=0.0)), "dpmpp_2s_ancestral": (2, dict(eta=0.0)),
+                   "euler_ancestral": (1, {})}
+
+
+def race_k_runs(ks, sde, budget: int):
+    """(label, run(model, x_T_noise, seed) -> x) for k-diffusion at ``budget`` NFE: every
+    sampler of RACE_K_SAMPLERS on Karras sigmas (rho 7), and the 1-NFE-per-step ones also on
+    get_sigmas_exponential (uniform in log sigma), each from sigma(T) down to sigma(eps) and
+    to RACE_K_SIGMA_MIN, + 0."""
+    sigma_max = sigma_of_t(sde, sde.T)
+    ends = {"sigma(eps)": sigma_of_t(sde, SAMPLE_EPS), "0.02": RACE_K_SIGMA_MIN}
+    out = []
+    for end, sigma_min in ends.items():
+        for name, (per_step, kw) in RACE_K_SAMPLERS.items():
+            steps = budget if per_step == 1 else (budget + 1) // 2
+            grids = {"karras": ks.get_sigmas_karras(steps, sigma_min, sigma_max, rho=7.0)}
+            if per_step == 1 and not name.endswith("ancestral"):
+                grids["exp"] = ks.get_sigmas_exponential(steps, sigma_min, sigma_max)
+            for grid, sigmas in grids.items():
+                out.append((f"{name} {grid} end={end}", getattr(ks, f"sample_{name}"),
+                            sigmas.to(F64), kw))
+    return out
+
+
+def race_two(args, ks) -> int:
+    """Ours vs k-diffusion, best per (distribution, SDE, NFE) cell, FD / floor."""
+    torch.set_num_threads(args.threads)
+    budgets = tuple(int(b) for b in (args.budgets or "5,10,20").split(",") if b)
+    dist_names = [d for d in (args.race_distributions or ",".join(RACE_DISTRIBUTIONS)).split(",")]
+    sde_names = [s for s in args.sdes.split(",") if s]
+    start = time.time()
+    settings = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
+                    machine=machine_description(), torch=torch.__version__, dtype="float64",
+                    threads=torch.get_num_threads(), budgets=list(budgets),
+                    samples=args.samples, samples_dim_ge_32=args.samples // 2,
+                    sampler_seed=args.race_seed, reference_seed=100 * args.race_seed + 1,
+                    floor_seed=100 * args.race_seed + 2,
+                    sample_eps=SAMPLE_EPS, k_sigma_min=RACE_K_SIGMA_MIN,
+                    sdes={s: repr(RACE_SDES[s]()) for s in sde_names},
+                    k_diffusion=getattr(ks, "__file__", None))
+    print("# settings: " + json.dumps(settings), flush=True)
+    rows, floors = [], {}
+    for dist_name in dist_names:
+        dist = RACE_DISTRIBUTIONS[dist_name]()
+        n = args.samples if dist.dim < 32 else args.samples // 2
+        shape = (n, dist.dim)
+        seed = args.race_seed
+        ref = dist.sample(n, generator=torch.Generator().manual_seed(100 * seed + 1), dtype=F64)
+        second = dist.sample(n, generator=torch.Generator().manual_seed(100 * seed + 2),
+                             dtype=F64)
+        floor = frechet_distance(second, ref)
+        floors[dist_name] = dict(fd=floor, samples=n, dim=dist.dim)
+        print(f"# {dist_name}: D={dist.dim}, {n} samples, floor FD {floor:.5f}", flush=True)
+        for sde_name in sde_names:
+            sde = RACE_SDES[sde_name]()
+            score_fn = dist.score_fn(sde)
+            for budget in budgets:
+                def add(family, label, x, nfe, error=None):
+                    fd = None if x is None else frechet_distance(x, ref)
+                    rows.append(dict(dist=dist_name, sde=sde_name, budget=budget, family=family,
+                                     sampler=label, nfe=nfe, fd=fd,
+                                     ratio=None if fd is None else fd / floor, error=error))
+                    if nfe is not None and nfe > budget:
+                        print(f"# WARNING: {label} made {nfe} NFE > {budget}", flush=True)
+                for label, name, kw in race_our_cases(budget):
+                    counting = CountingScore(score_fn)
+                    try:
+                        x = samplers.SAMPLERS[name].fn(
+                            counting, sde, shape, dtype=F64,
+                            generator=torch.Generator().manual_seed(seed), **kw).x
+                        if not torch.isfinite(x).all():
+                            raise FloatingPointError("non-finite samples")
+                        add("ours", label, x, counting.nfe)
+                    except (ValueError, FloatingPointError) as error:
+                        add("ours", label, None, None, str(error).split(";")[0])
+                if ks is not None:
+                    model = KDiffusionDenoiser(score_fn, sde)
+                    for label, fn, sigmas, kw in race_k_runs(ks, sde, budget):
+                        counting = CountingScore(model)
+                        x = torch.randn(shape, generator=generator(seed, torch.device("cpu")),
+                                        dtype=F64) * sigmas[0]
+                        torch.manual_seed(seed)       # ancestral noise: the global RNG
+                        try:
+                            x = fn(counting, x, sigmas, disable=True, **kw)
+                            if not torch.isfinite(x).all():
+                                raise FloatingPointError("non-finite samples")
+                            add("k-diffusion", label, x, counting.nfe)
+                        except (ValueError, FloatingPointError) as error:
+                            add("k-diffusion", label, None, None, str(error))
+            print(f"# {dist_name} {sde_name} done ({time.time() - start:.0f} s)", flush=True)
+    cells = race_cells(rows)
+    table = race_table(cells)
+    print("\n" + table, flush=True)
+    print("\n" + race_summary(cells), flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(dict(settings=settings, floors=floors, rows=rows,
+                                                  cells=cells), indent=1))
+        print(f"\n# wrote {args.out}")
+    return 0
+
+
+#: |ours / k-diffusion - 1| below this counts as a tie (the 2000-sample FD's own noise).
+RACE_TIE = 0.05
+
+
+def race_cells(rows) -> list[dict]:
+    cells = []
+    for key in dict.fromkeys((r["dist"], r["sde"], r["budget"]) for r in rows):
+        sub = [r for r in rows if (r["dist"], r["sde"], r["budget"]) == key and r["fd"] is not None]
+        best = {}
+        for fam in ("ours", "k-diffusion"):
+            cand = [r for r in sub if r["family"] == fam]
+            best[fam] = min(cand, key=lambda r: r["fd"]) if cand else None
+        default = {lab: next((r for r in sub if r["sampler"] == lab), None)
+                   for lab in ("dpm_solver (default)", "unipc (default)")}
+        ratio = (best["ours"]["fd"] / best["k-diffusion"]["fd"]
+                 if best["ours"] and best["k-diffusion"] else None)
+        verdict = ("-" if ratio is None else "tie" if abs(ratio - 1) < RACE_TIE
+                   else "win" if ratio < 1 else "loss")
+        kbest = best["k-diffusion"]
+        cells.append(dict(dist=key[0], sde=key[1], budget=key[2],
+                          ours=best["ours"]["sampler"], ours_ratio=best["ours"]["ratio"],
+                          ours_nfe=best["ours"]["nfe"],
+                          k=kbest and kbest["sampler"], k_ratio=kbest and kbest["ratio"],
+                          k_nfe=kbest and kbest["nfe"], fd_ratio=ratio, verdict=verdict,
+                          dpm_solver_default=default["dpm_solver (default)"]["ratio"],
+                          unipc_default=default["unipc (default)"]["ratio"],
+                          default_verdicts=[
+                              "-" if kbest is None else
+                              "tie" if abs(default[d]["fd"] / kbest["fd"] - 1) < RACE_TIE
+                              else "win" if default[d]["fd"] < kbest["fd"] else "loss"
+                              for d in ("dpm_solver (default)", "unipc (default)")]))
+    return cells
+
+
+def race_table(cells) -> str:
+    return markdown(
+        ["dist", "SDE", "NFE", "ours best (NFE)", "FD/floor", "k-diffusion best (NFE)", "FD/floor",
+         "ours/k", "verdict", "dpm_solver default", "unipc default", "defaults vs k"],
+        [[c["dist"], c["sde"], c["budget"], f"{c['ours']} ({c['ours_nfe']})",
+          f"{c['ours_ratio']:.2f}", "-" if c["k"] is None else f"{c['k']} ({c['k_nfe']})",
+          fmt(c["k_ratio"], ".2f"), fmt(c["fd_ratio"], ".2f"), c["verdict"],
+          f"{c['dpm_solver_default']:.2f}", f"{c['unipc_default']:.2f}",
+          " / ".join(c["default_verdicts"])] for c in cells])
+
+
+def race_summary(cells) -> str:
+    lines = []
+    for verdict in ("win", "tie", "loss"):
+        lines.append(f"# {verdict}: {sum(c['verdict'] == verdict for c in cells)} of {len(cells)}")
+    for b in sorted({c["budget"] for c in cells}):
+        sub = [c for c in cells if c["budget"] == b]
+        worst = max(sub, key=lambda c: c["ours_ratio"])
+        lines.append(f"# NFE {b}: worst ours-best FD/floor {worst['ours_ratio']:.2f} "
+                     f"({worst['dist']} {worst['sde']}); worst dpm_solver default "
+                     f"{max(c['dpm_solver_default'] for c in sub):.2f}, unipc default "
+                     f"{max(c['unipc_default'] for c in sub):.2f}")
+    for i, d in enumerate(("dpm_solver", "unipc")):
+        v = [c["default_verdicts"][i] for c in cells]
+        lines.append(f"# {d} default vs k-diffusion best: {v.count('win')} win, "
+                     f"{v.count('tie')} tie, {v.count('loss')} loss")
+    return "\n".join(lines)
+
+
 # ----- output ---------------------------------------------------------------------------------
 def markdown(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -695,6 +947,15 @@ def parse_args(argv=None):
                    help="only time the per-NFE overhead (trivial model) of our samplers and "
                    "k-diffusion's, interleaved, and exit")
     p.add_argument("--rounds", type=int, default=7, help="--overhead: timed rounds per case")
+    p.add_argument("--race2", action="store_true",
+                   help="only the few-step race, round two (issue 14 item 3): held-out "
+                   "distributions x --sdes x --budgets (default 5,10,20), best of ours vs best "
+                   "of k-diffusion by FD / floor; --samples per cell (half for D >= 32)")
+    p.add_argument("--race-distributions", help="--race2: comma-separated subset of "
+                   + ",".join(RACE_DISTRIBUTIONS))
+    p.add_argument("--race-seed", type=int, default=1,
+                   help="--race2: sampler seed s; the reference and floor sets use 100 s + 1, "
+                   "100 s + 2")
     p.add_argument("--check-extra", action="store_true",
                    help="only check that k-diffusion's sampling module imports, and exit")
     return p.parse_args(argv)
@@ -724,6 +985,8 @@ def main(argv=None):
     if args.check_extra:
         print("k_diffusion.sampling: OK" if ks else k_note)
         return 0 if ks else 1
+    if args.race2:
+        return race_two(args, ks)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
