@@ -13,6 +13,7 @@
     python main.py --mode ref_stats  --config configs/ve/ncsnpp_cifar.py --workdir runs/ncsnpp --config.eval.inception_path=inception-2015-12-05.pt
     python main.py --mode compare    --workdir runs/digits_vp,runs/digits_ve
     python main.py --mode demo       --workdir runs/digits   # train VP + VE, sample, bits/dim, table
+    python main.py --mode plan       --config configs/ve/ncsnpp_church256.py [--budget_gb=24] [--workdir runs/church]
 
 train: run_lib.train.train (resuming from <workdir>/checkpoints/latest.pt); sample and
 likelihood: run_lib.evaluate with the EMA weights (sample: the class labels and guidance of
@@ -23,7 +24,10 @@ resuming like train); inpaint: run_lib.inverse.inpaint (config.inpaint's inverse
 inpainting, colorization or super-resolution of test images, written to <workdir>/inpaint/);
 eval and ref_stats: run_lib.quality (FID / KID / IS / precision-recall of config.eval.num_samples
 samples in resumable chunks, sharded by seed under torchrun; reference statistics); compare: one table of several work directories (comma-separated
---workdir; no --config needed). Any config value can be overridden, e.g.
+--workdir; no --config needed); plan: run_lib.plan's memory plan of a training step (the
+largest per-device batch and batch_per_device for --budget_gb, with and without activation
+checkpointing and bf16; plan.json into --workdir when given, the one mode without a
+required --workdir). Any config value can be overridden, e.g.
 --config.training.n_iters=500.
 
 Bad input is reported before any work is done or any file is written, in one line on stderr
@@ -50,7 +54,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                 lock_config=True)
 flags.DEFINE_enum("mode", "train", ["train", "sample", "likelihood", "compare", "demo",
-                                    "train_classifier", "inpaint", "eval", "ref_stats"],
+                                    "train_classifier", "inpaint", "eval", "ref_stats", "plan"],
                   "train: fit the score model; sample: draw samples with --sampler; "
                   "likelihood: log-likelihood (bits/dim for images) of held-out data through the "
                   "probability-flow ODE; compare: one table of the results of several "
@@ -63,7 +67,10 @@ flags.DEFINE_enum("mode", "train", ["train", "sample", "likelihood", "compare", 
                   "eval: draw config.eval.num_samples samples with --sampler and the EMA "
                   "weights in resumable chunks (sharded under torchrun), then FID / KID / IS / "
                   "precision-recall against reference statistics (eval.json); ref_stats: make "
-                  "those reference statistics (the training split, or --samples).")
+                  "those reference statistics (the training split, or --samples); plan: the "
+                  "memory plan of a training step (run_lib.plan: largest per-device batch "
+                  "for --budget_gb with / without checkpointing and bf16; plan.json into "
+                  "--workdir if given).")
 flags.DEFINE_integer("demo_steps", 1500, "Training steps of each --mode demo model.")
 flags.DEFINE_string("workdir", None, "Work directory for config, logs, weights and results "
                     "(--mode compare: a comma-separated list).")
@@ -80,11 +87,14 @@ flags.DEFINE_string("classifier", None, "--mode sample: classifier guidance with
 flags.DEFINE_string("samples", None, "--mode eval: measure this .npz of uint8 images "
                     "('images' N,C,H,W or 'arr_0' N,H,W,C) instead of sampling; --mode ref_stats: "
                     "make the reference statistics of this .npz instead of the training split.")
-flags.mark_flags_as_required(["workdir"])
+flags.DEFINE_string("budget_gb", None, "--mode plan: GPU memory budget(s) in GiB, comma-"
+                    "separated (default: a table for 16, 24, 40, 80).")
+#: Modes that run without --workdir (every other one needs it).
+NO_WORKDIR_MODES = ("plan",)
 
 #: The modes that use each optional flag; given to another mode it is an error.
 FLAG_MODES = {"config": ("train", "sample", "likelihood", "train_classifier", "inpaint", "eval",
-                         "ref_stats"),
+                         "ref_stats", "plan"), "budget_gb": ("plan",),
               "sampler": ("sample", "eval"),
               "checkpoint": ("sample", "likelihood", "inpaint", "eval"), "demo_steps": ("demo",),
               "classifier": ("sample", "eval"), "samples": ("eval", "ref_stats")}
@@ -174,6 +184,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 def _check_flags(mode: str) -> None:
     """Each optional flag given is one that ``mode`` uses."""
     from run_lib.validate import ConfigError
+    if FLAGS.workdir is None and mode not in NO_WORKDIR_MODES:
+        raise ConfigError(f"--mode {mode} needs --workdir (e.g. --workdir runs/digits)")
     for name, modes in FLAG_MODES.items():
         if FLAGS[name].present and mode not in modes:
             raise ConfigError(f"--{name} applies to --mode {' / '.join(modes)}, not --mode "
@@ -189,7 +201,8 @@ def _checked_config(mode: str):
     _check_flags(mode)
     validate.validate_config(FLAGS.config, mode, sampler=FLAGS.sampler,
                              classifier=FLAGS.classifier is not None)
-    validate.check_workdir(FLAGS.workdir)
+    if FLAGS.workdir is not None or mode not in NO_WORKDIR_MODES:
+        validate.check_workdir(FLAGS.workdir)
     if FLAGS.checkpoint is not None:
         validate.check_checkpoint_file(FLAGS.checkpoint)
     return FLAGS.config
@@ -250,6 +263,20 @@ def run_ref_stats() -> dict:
     return ref_stats(config, FLAGS.workdir, samples=FLAGS.samples)
 
 
+def run_plan() -> str:
+    """The memory plan of a training step of the config (run_lib.plan); plan.json into
+    --workdir when given."""
+    from run_lib import plan
+    budgets = plan.check_budgets(FLAGS.budget_gb if FLAGS.budget_gb is not None
+                                 else plan.DEFAULT_BUDGETS_GB)
+    config = _checked_config("plan")
+    report = plan.plan(config, budgets, log=logging.info)
+    text = plan.format_plan(report)
+    if FLAGS.workdir is not None:
+        text += f"\nwritten: {plan.write_plan(report, FLAGS.workdir)}"
+    return text
+
+
 def run_compare() -> str:
     _check_flags("compare")
     from run_lib.evaluate import compare_workdirs
@@ -276,7 +303,7 @@ def run_demo() -> str:
 
 MODES = {"train": run_train, "sample": run_sample, "likelihood": run_likelihood,
          "compare": run_compare, "demo": run_demo, "train_classifier": run_train_classifier,
-         "inpaint": run_inpaint, "eval": run_eval, "ref_stats": run_ref_stats}
+         "inpaint": run_inpaint, "eval": run_eval, "ref_stats": run_ref_stats, "plan": run_plan}
 
 
 def main(argv):

@@ -52,7 +52,8 @@ __all__ = ["ConfigError", "validate_config", "load_config_file", "check_override
            "check_workdir", "check_checkpoint_file", "OLD_KEYS", "GROUPS", "MODES"]
 
 #: The modes validate_config knows (main.py's compare and demo modes read no config file).
-MODES = ("train", "sample", "likelihood", "train_classifier", "inpaint", "eval", "ref_stats")
+MODES = ("train", "sample", "likelihood", "train_classifier", "inpaint", "eval", "ref_stats",
+         "plan")
 
 
 class ConfigError(ValueError):
@@ -747,7 +748,7 @@ def _check_samplers(config, sde, mode: str, sampler: str | None) -> None:
 # ----------------------------------------------------------------------------- eval
 
 #: Modes that need image data.
-IMAGE_MODES = ("inpaint", "eval", "ref_stats")
+IMAGE_MODES = ("inpaint", "eval", "ref_stats", "plan")     # plan: run_lib.plan measures images
 
 
 def _check_quality(config, mode: str) -> None:
