@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["to_uint8", "make_grid", "scatter_image", "picture", "class_rows", "save_png"]
+__all__ = ["to_uint8", "make_grid", "image_grid", "scatter_image", "picture", "class_rows",
+           "save_png"]
 
 
 def to_uint8(x: torch.Tensor, *, centered: bool) -> torch.Tensor:
@@ -51,6 +52,15 @@ def make_grid(images: torch.Tensor, *, nrow: int | None = None, padding: int = 1
     return grid.numpy()
 
 
+def image_grid(images: torch.Tensor, *, min_pixels: int = 32, nrow: int | None = None,
+               padding: int | None = None) -> np.ndarray:
+    """uint8 images (B, C, H, W) as one grid, each pixel repeated upscale = max(1,
+    min_pixels // W) times, ``padding`` pixels between images (default max(1, upscale // 2))."""
+    upscale = max(1, min_pixels // images.shape[-1])
+    padding = max(1, upscale // 2) if padding is None else padding
+    return make_grid(images, nrow=nrow, upscale=upscale, padding=padding)
+
+
 def scatter_image(points: torch.Tensor, size: int = 512, extent: float = 3.5) -> np.ndarray:
     """A (size, size, 3) uint8 scatter plot of the first two coordinates of points (N, D),
     the square [-extent, extent]^2 filling the picture (points outside are left out)."""
@@ -75,10 +85,8 @@ def picture(x: torch.Tensor, *, centered: bool = True, max_images: int = 100,
     max(1, upscale // 2)); ``centered``: the data scaling (see to_uint8).
     Flat points (B, D): a scatter plot of their first two coordinates."""
     if x.ndim == 4:
-        upscale = max(1, min_pixels // x.shape[-1])
-        padding = max(1, upscale // 2) if padding is None else padding
-        return make_grid(to_uint8(x[:max_images], centered=centered), upscale=upscale,
-                         padding=padding)
+        return image_grid(to_uint8(x[:max_images], centered=centered), min_pixels=min_pixels,
+                          padding=padding)
     if x.ndim == 2 and x.shape[1] >= 2:
         return scatter_image(x)
     raise ValueError(f"cannot draw samples of shape {tuple(x.shape)}: expected images "
@@ -87,19 +95,18 @@ def picture(x: torch.Tensor, *, centered: bool = True, max_images: int = 100,
 
 def class_rows(x: torch.Tensor, labels: torch.Tensor, num_classes: int, *, per_class: int = 10,
                centered: bool = True, min_pixels: int = 32) -> np.ndarray:
-    """Images x (N, C, H, W) in model space with their labels (N,) as one (H', W', 3) uint8
-    picture with one row per class 0..num_classes-1: the first ``per_class`` images of that
-    class in order, a row filled up with blank (white) images when the class has fewer."""
-    images = to_uint8(x, centered=centered)
+    """Images x (N, C, H, W) in model space (or already uint8) with their labels (N,) as one
+    (H', W', 3) uint8 picture with one row per class 0..num_classes-1: the first
+    ``per_class`` images of that class in order, a row filled up with blank (white) images
+    when the class has fewer."""
+    images = x if x.dtype == torch.uint8 else to_uint8(x, centered=centered)
     blank = torch.full_like(images[:1], 255)
     labels = labels.cpu()
     rows = []
     for k in range(num_classes):
         mine = images[labels == k][:per_class]
         rows.append(torch.cat([mine, blank.expand(per_class - len(mine), -1, -1, -1)]))
-    upscale = max(1, min_pixels // x.shape[-1])
-    return make_grid(torch.cat(rows), nrow=per_class, upscale=upscale,
-                     padding=max(1, upscale // 2))
+    return image_grid(torch.cat(rows), nrow=per_class, min_pixels=min_pixels)
 
 
 def save_png(grid: np.ndarray, path) -> Path:

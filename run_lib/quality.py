@@ -37,6 +37,8 @@ import torch
 from samplers.harness import progress_bar
 
 from . import compose
+from .chunks import CHUNK_SEED_STRIDE, chunk_paths as _chunk_paths, chunk_size as _chunk_size
+from .chunks import own_chunks, read_chunk as _read_chunk, write_chunk as _write_chunk
 from .datasets import build_dataset
 from .distributed import init_distributed
 from .fidelity import (FeatureAccumulator, FeatureExtractor, ReferenceStats, file_sha256,
@@ -51,15 +53,14 @@ log = logging.getLogger(__name__)
 
 #: The papers' number of samples for FID; fewer gives a warning in eval.json.
 PAPER_NUM_SAMPLES = 50_000
-#: Seeds of the chunks: chunk k of a run with config.seed s is drawn with seed
-#: CHUNK_SEED_STRIDE * (s + 1) + k (disjoint from other seeds' chunks below 10^6 chunks).
-CHUNK_SEED_STRIDE = 1_000_000
 #: Seed of KID's subsets and IS's splits (torchmetrics draws them from the global RNG).
 METRIC_SEED = 0
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
-    """The generator seed of chunk ``chunk`` of --mode eval for config.seed ``seed``."""
+    """The generator seed of chunk ``chunk`` of --mode eval for config.seed ``seed``:
+    CHUNK_SEED_STRIDE * (seed + 1) + chunk (disjoint from other seeds' chunks below 10^6
+    chunks)."""
     return CHUNK_SEED_STRIDE * (int(seed) + 1) + int(chunk)
 
 
@@ -220,40 +221,6 @@ def _protocol_key(config, method: str, options: dict, step: int, extractor, labe
                          bool(config.sampling.get("thresholding", False))]}
 
 
-def _read_chunk(path: Path, key: dict, size: int | None = None) -> dict | None:
-    """The arrays of a chunk file written with the protocol ``key`` (and holding ``size``
-    samples, when given); None when absent, damaged, of another protocol or another size
-    (then it is drawn again)."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-        meta = json.loads(str(arrays.pop("meta")))
-    except (OSError, ValueError, KeyError, EOFError) as error:
-        log.warning("%s cannot be read (%s): drawing it again", path, error)
-        return None
-    if meta.get("key") != json.loads(json.dumps(key)):
-        log.warning("%s was drawn with another protocol: drawing it again", path)
-        return None
-    if size is not None and len(arrays.get("images", ())) != size:
-        log.warning("%s holds %d samples, not %d: drawing it again", path,
-                    len(arrays.get("images", ())), size)
-        return None
-    return {**arrays, **meta}
-
-
-def _chunk_size(n: int, chunk: int, k: int) -> int:
-    """Samples in chunk k of n samples in chunks of ``chunk`` (the last one may be short)."""
-    return min(chunk, n - k * chunk)
-
-
-def _write_chunk(path: Path, arrays: dict, meta: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp.npz")
-    np.savez(temporary, meta=np.array(json.dumps(meta)), **arrays)
-    temporary.replace(path)
-
-
 def _draw_chunk(config, run, method, k: int, size: int, labels, logits_fn, device):
     """uint8 images (size, C, H, W), NFE and seconds of chunk k."""
     generator = torch.Generator(device=device).manual_seed(chunk_seed(config.seed, k))
@@ -285,17 +252,13 @@ def _make_chunk(config, run, method, k, n, labels, logits_fn, extractor, device,
     _write_chunk(path, arrays, meta)
 
 
-def _chunk_paths(folder: Path, n: int, chunk: int) -> list[Path]:
-    return [folder / f"chunk_{k:05d}.npz" for k in range(-(-n // chunk))]
-
-
 def _draw_missing_chunks(config, run, method, ctx, device, folder, extractor, key, labels,
                          logits_fn, progress) -> int:
     """Draw this rank's chunks (k = rank, rank + W, ...) that are not on disk; returns how
     many it drew."""
     n, chunk = int(config.eval.num_samples), int(config.eval.sample_batch)
     paths = _chunk_paths(folder, n, chunk)
-    mine = [k for k in range(ctx.rank, len(paths), ctx.world_size)
+    mine = [k for k in own_chunks(len(paths), ctx.rank, ctx.world_size)
             if _read_chunk(paths[k], key, _chunk_size(n, chunk, k)) is None]
     bar = progress_bar(len(mine), progress and ctx.is_main, f"eval {method}", unit="chunk")
     try:
