@@ -242,6 +242,9 @@ def respaced_call(config, score_fn: Callable, options: dict) -> tuple[Callable, 
     options = dict(options)
     if options.get("level_time") is None:
         options["level_time"] = level_time(config)
+    if options.get("clip_denoised") is None:         # images in [-1, 1]: Improved DDPM clips
+        options["clip_denoised"] = (len(data_shape(config)) > 1
+                                    and bool(config.data.get("centered", True)))
     if options.get("variance") == "learned":
         if not hasattr(score_fn, "score_and_variance"):
             raise ValueError("config.sampling.respaced.variance='learned' needs a network with a "

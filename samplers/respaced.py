@@ -54,7 +54,8 @@ def respaced_levels(sde: SDE, num_steps: int, spacing: str = "uniform") -> torch
 
 
 def check_respaced_options(sde: SDE, *, num_steps=50, variance="small", spacing="uniform",
-                           eps=1e-3, level_time=None, posterior_x0_variance=None) -> None:
+                           eps=1e-3, level_time=None, clip_denoised=None,
+                           posterior_x0_variance=None) -> None:
     """ValueError naming the first bad option of ``respaced_sample``."""
     if not getattr(sde, "has_discrete_chain", False):
         raise ValueError(f"{type(sde).__name__} has no discrete chain to respace: use another "
@@ -64,6 +65,8 @@ def check_respaced_options(sde: SDE, *, num_steps=50, variance="small", spacing=
     check_choice("spacing", spacing, RESPACINGS)
     if level_time is not None:
         check_choice("level_time", level_time, LEVEL_TIMES)
+    if clip_denoised is not None and not isinstance(clip_denoised, bool):
+        raise ValueError(f"clip_denoised must be True, False or None, got {clip_denoised!r}")
     check_eps(sde, eps)
     if variance == "analytic" and posterior_x0_variance is not None:
         if len(posterior_x0_variance) != sde.N:
@@ -97,7 +100,8 @@ def _step_coefficients(sde, levels, variance, posterior_x0_variance):
 def respaced_sample(score_fn: Callable, sde: SDE, shape,
                     posterior_x0_variance: torch.Tensor | None = None, *, num_steps: int = 50,
                     variance: str = "small", spacing: str = "uniform", eps: float = 1e-3,
-                    level_time: str | None = None, **harness_options) -> SampleResult:
+                    level_time: str | None = None, clip_denoised: bool | None = None,
+                    **harness_options) -> SampleResult:
     """Ancestral sampling on ``num_steps`` levels of the chain (module docstring): K - 1
     ancestral steps from x_{N-1} ~ prior, then x0_hat at level s_0; K network evaluations.
 
@@ -110,6 +114,10 @@ def respaced_sample(score_fn: Callable, sde: SDE, shape,
         spacing: 'uniform' in level index (Improved DDPM) or 'logsnr'.
         eps, level_time: the network's time of each level (samplers.vlb.chain_times; None:
             'grid'; run_lib.compose picks 'index' for networks on discrete levels).
+        clip_denoised: clip x0_hat to [-1, 1] in every step (Improved DDPM's sampler for
+            images in [-1, 1]; at the first levels of the cosine chain alpha ~ 1e-2 and
+            x0_hat = (x - std eps_hat) / alpha amplifies the network's error). None: no clip
+            (run_lib.compose clips for centred image data).
         harness_options: generator, device, dtype, x_init, progress, callback, projection.
 
     Returns: SampleResult(x, nfe = K).
@@ -132,12 +140,16 @@ def respaced_sample(score_fn: Callable, sde: SDE, shape,
             a_s, s_s, c0, cx, noise_std = steps[k]
             score, noise_std = _score_and_noise_std(run, x, batch_times[k], noise_std)
             x0_hat = (x + score * s_s ** 2) / a_s              # Tweedie at level s_k
+            if clip_denoised:
+                x0_hat = x0_hat.clamp(-1.0, 1.0)
             x = x0_hat * c0 + x * cx + run.noise(x) * noise_std
             a_p, s_p = alphas[k - 1], stds[k - 1]
             point = SchedulePoint(float(times[k - 1]), a_p, s_p, math.log(a_p / s_p))
             x = run.step(len(levels) - 1 - k, x, point, denoised=x0_hat)
         score, _ = _score_and_noise_std(run, x, batch_times[0], 0.0)
         x = (x + score * std_0 ** 2) / alpha_0
+        if clip_denoised:
+            x = x.clamp(-1.0, 1.0)
         x = run.step(len(levels) - 1, x, DATA_POINT, denoised=x)
         return run.result(x)
 
