@@ -123,7 +123,7 @@ def respaced_sample(score_fn: Callable, sde: SDE, shape,
     Returns: SampleResult(x, nfe = K).
     """
     check_respaced_options(sde, num_steps=num_steps, variance=variance, spacing=spacing,
-                           eps=eps, level_time=level_time,
+                           eps=eps, level_time=level_time, clip_denoised=clip_denoised,
                            posterior_x0_variance=posterior_x0_variance)
     if variance == "analytic" and posterior_x0_variance is None:
         raise ValueError("variance='analytic' needs posterior_x0_variance (N,) from "

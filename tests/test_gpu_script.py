@@ -126,4 +126,5 @@ def test_section_over_its_limit_is_killed(tmp_path):
     entry = gpu.spawn_section("bits_per_dim", True, 0.5, tmp_path)
     # the kill itself is prompt; under a loaded CI machine process start-up and teardown can
     # take seconds, so only the status and a generous bound are checked
-    assert entry["status"] == "timeout" and entry["seconds"] < 60, entry
+    # 'partial': the section stopped itself at its inner deadline first (bench/gpu.py)
+    assert entry["status"] in ("timeout", "partial") and entry["seconds"] < 60, entry
