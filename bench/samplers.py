@@ -598,13 +598,15 @@ RACE_K_SIGMA_MIN = 0.02
 
 def race_our_cases(budget: int):
     """(label, sampler name, options): ours at ``budget`` NFE, the final Tweedie step counted
-    (num_steps = budget - 1; EDM: (budget + 1) // 2 levels). The first two rows are what a
-    user gets from ``--sampler dpm_solver`` / ``--sampler unipc`` (registry defaults)."""
+    (num_steps = budget - 1; EDM: (budget + 1) // 2 levels). The rows labelled "(default)"
+    (RACE_DEFAULTS) are what a user gets from ``--sampler dpm_solver`` / ``unipc`` / ``ipndm``
+    with the registry defaults; the others name every option they change."""
     n = budget - 1
     out = [("dpm_solver (default)", "dpm_solver", dict(num_steps=n)),
            ("unipc (default)", "unipc", dict(num_steps=n)),
            ("ddim", "ddim", dict(num_steps=n)),
-           ("ipndm (default, order 4)", "ipndm", dict(num_steps=n)),
+           ("ipndm (default)", "ipndm", dict(num_steps=n)),
+           ("ipndm order 4 logsnr", "ipndm", dict(num_steps=n, order=4, spacing="logsnr")),
            ("edm", "edm", dict(num_steps=(budget + 1) // 2)),
            ("dpm_solver 2M lof=off", "dpm_solver", dict(num_steps=n, lower_order_final=False)),
            ("dpm_solver 3M", "dpm_solver", dict(num_steps=n, order=3)),
@@ -619,7 +621,13 @@ def race_our_cases(budget: int):
            ("unipc bh1 order 3", "unipc", dict(num_steps=n, variant="bh1", order=3)),
            ("unipc lof=off", "unipc", dict(num_steps=n, lower_order_final=False)),
            ("unipc sigma_min=eps", "unipc", dict(num_steps=n, sigma_min=None)),
-           ("ipndm order 3", "ipndm", dict(num_steps=n, order=3))]
+           ("ipndm order 3 logsnr", "ipndm", dict(num_steps=n, order=3, spacing="logsnr")),
+           ("ipndm order 2 logsnr", "ipndm", dict(num_steps=n, order=2, spacing="logsnr")),
+           ("ipndm order 3 karras", "ipndm", dict(num_steps=n, order=3, spacing="karras")),
+           ("unipc lof=off karras", "unipc", dict(num_steps=n, lower_order_final=False,
+                                                  spacing="karras")),
+           ("dpm_solver 2M lof=off karras", "dpm_solver", dict(num_steps=n, spacing="karras",
+                                                               lower_order_final=False))]
     return out
 
 
@@ -652,8 +660,35 @@ def race_k_runs(ks, sde, budget: int):
 
 
 def race_two(args, ks) -> int:
-    """Ours vs k-diffusion, best per (distribution, SDE, NFE) cell, FD / floor."""
-    torch.set_num_threads(args.threads)
+    """Ours vs k-diffusion, best per (distribution, SDE, NFE) cell by FD / floor averaged over
+    the sampler seeds of --race-seeds (or the runs merged by --race-merge)."""
+    if args.race_merge:
+        runs = [json.loads(Path(f).read_text()) for f in args.race_merge]
+        rows = [r for run in runs for r in run["rows"]]
+        settings = [run["settings"] for run in runs]
+    else:
+        torch.set_num_threads(args.threads)
+        seeds = [int(s) for s in str(args.race_seeds).split(",") if s]
+        rows, settings = [], []
+        for seed in seeds:
+            seed_rows, seed_settings = race_one_seed(args, ks, seed)
+            rows += seed_rows
+            settings.append(seed_settings)
+    cells = race_cells(rows)
+    print("\n" + race_table(cells), flush=True)
+    print("\n" + race_summary(cells), flush=True)
+    print("\n" + race_every_row(rows), flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(dict(settings=settings, rows=rows, cells=cells),
+                                             indent=None, separators=(",", ":")))
+        print(f"\n# wrote {args.out}")
+    return 0
+
+
+def race_one_seed(args, ks, seed: int):
+    """(rows, settings) of one sampler seed: every (distribution, SDE, budget) cell, ours,
+    the converged ODE and k-diffusion; the reference and floor sets use 100 seed + 1, + 2."""
     budgets = tuple(int(b) for b in (args.budgets or "5,10,20").split(",") if b)
     dist_names = [d for d in (args.race_distributions or ",".join(RACE_DISTRIBUTIONS)).split(",")]
     sde_names = [s for s in args.sdes.split(",") if s]
@@ -662,13 +697,13 @@ def race_two(args, ks) -> int:
                     machine=machine_description(), torch=torch.__version__, dtype="float64",
                     threads=torch.get_num_threads(), budgets=list(budgets),
                     samples=args.samples, samples_dim_ge_32=args.samples // 2,
-                    sampler_seed=args.race_seed, reference_seed=100 * args.race_seed + 1,
-                    floor_seed=100 * args.race_seed + 2,
+                    sampler_seed=seed, reference_seed=100 * seed + 1,
+                    floor_seed=100 * seed + 2,
                     sample_eps=SAMPLE_EPS, k_sigma_min=RACE_K_SIGMA_MIN,
                     sdes={s: repr(RACE_SDES[s]()) for s in sde_names},
                     k_diffusion=getattr(ks, "__file__", None))
     print("# settings: " + json.dumps(settings), flush=True)
-    rows, floors = [], {}
+    rows = []
     for dist_name in dist_names:
         if dist_name in RACE_DISTRIBUTIONS:
             dist = RACE_DISTRIBUTIONS[dist_name]()
@@ -677,21 +712,20 @@ def race_two(args, ks) -> int:
             dist = DISTRIBUTIONS[dist_name][0]()
         n = args.samples if dist.dim < 32 else args.samples // 2
         shape = (n, dist.dim)
-        seed = args.race_seed
         ref = dist.sample(n, generator=torch.Generator().manual_seed(100 * seed + 1), dtype=F64)
         second = dist.sample(n, generator=torch.Generator().manual_seed(100 * seed + 2),
                              dtype=F64)
         floor = frechet_distance(second, ref)
-        floors[dist_name] = dict(fd=floor, samples=n, dim=dist.dim)
-        print(f"# {dist_name}: D={dist.dim}, {n} samples, floor FD {floor:.5f}", flush=True)
+        print(f"# seed {seed} {dist_name}: D={dist.dim}, {n} samples, floor FD {floor:.5f}",
+              flush=True)
         for sde_name in sde_names:
             sde = RACE_SDES[sde_name]()
             score_fn = dist.score_fn(sde)
             for budget in budgets:
                 def add(family, label, x, nfe, error=None):
                     fd = None if x is None else frechet_distance(x, ref)
-                    rows.append(dict(dist=dist_name, sde=sde_name, budget=budget, family=family,
-                                     sampler=label, nfe=nfe, fd=fd,
+                    rows.append(dict(dist=dist_name, sde=sde_name, budget=budget, seed=seed,
+                                     floor=floor, family=family, sampler=label, nfe=nfe, fd=fd,
                                      ratio=None if fd is None else fd / floor, error=error))
                     if nfe is not None and nfe > budget and family != "converged ODE":
                         print(f"# WARNING: {label} made {nfe} NFE > {budget}", flush=True)
@@ -711,7 +745,7 @@ def race_two(args, ks) -> int:
                 x = samplers.SAMPLERS["dpm_solver"].fn(
                     score_fn, sde, shape, num_steps=200, order=3, sigma_min=None, dtype=F64,
                     generator=torch.Generator().manual_seed(seed)).x
-                add("converged ODE", "dpm_solver 3M 200 steps, eps", x, 201)
+                add("converged ODE", RACE_CONVERGED, x, 201)
                 if ks is not None:
                     model = KDiffusionDenoiser(score_fn, sde)
                     for label, fn, sigmas, kw in race_k_runs(ks, sde, budget):
@@ -726,83 +760,146 @@ def race_two(args, ks) -> int:
                             add("k-diffusion", label, x, counting.nfe)
                         except (ValueError, FloatingPointError) as error:
                             add("k-diffusion", label, None, None, str(error))
-            print(f"# {dist_name} {sde_name} done ({time.time() - start:.0f} s)", flush=True)
-    cells = race_cells(rows)
-    table = race_table(cells)
-    print("\n" + table, flush=True)
-    print("\n" + race_summary(cells), flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(dict(settings=settings, floors=floors, rows=rows,
-                                                  cells=cells), indent=1))
-        print(f"\n# wrote {args.out}")
-    return 0
+            print(f"# seed {seed} {dist_name} {sde_name} done ({time.time() - start:.0f} s)",
+                  flush=True)
+    return rows, settings
 
 
-#: |ours / k-diffusion - 1| below this counts as a tie (the 2000-sample FD's own noise).
+RACE_CONVERGED = "dpm_solver 3M 200 steps, eps"
+#: What a user gets from ``--sampler <name>`` with the registry defaults: the race's rows.
+RACE_DEFAULTS = ("ipndm (default)", "dpm_solver (default)", "unipc (default)")
+#: A difference of means below this fraction of k-diffusion's counts as a tie, whatever the
+#: seeds' spread (FD / floor near 1 is the finite-sample FD's own noise).
 RACE_TIE = 0.05
+#: ... and so does one below this many standard errors of the paired per-seed differences.
+RACE_TIE_SE = 2.0
+
+
+def race_stats(rows) -> tuple[dict, dict]:
+    """({(cell, family, sampler): {seed: FD}} over the rows with a result,
+    {cell: {seed: floor FD}})."""
+    out, floors = {}, {}
+    for r in rows:
+        cell, seed = (r["dist"], r["sde"], r["budget"]), r.get("seed", 0)
+        floors.setdefault(cell, {})[seed] = r["floor"]
+        if r["fd"] is not None:
+            out.setdefault((cell, r["family"], r["sampler"]), {})[seed] = r["fd"]
+    return out, floors
+
+
+def race_verdict(ours: dict, theirs: dict, floor: float) -> str:
+    """Over the common seeds, with d_s = FD_ours - FD_theirs: 'tie' when |mean d| is within
+    RACE_TIE of their mean FD or RACE_TIE_SE standard errors of the d_s, else 'win' (ours
+    lower) or 'loss'. ``floor`` (the mean floor FD) only guards the scale of 0-FD cells."""
+    seeds = sorted(set(ours) & set(theirs))
+    diffs = [ours[s] - theirs[s] for s in seeds]
+    mean = sum(diffs) / len(diffs)
+    se = (math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+          if len(diffs) > 1 else 0.0)
+    scale = max(sum(theirs[s] for s in seeds) / len(seeds), 1e-3 * floor)
+    if abs(mean) <= max(RACE_TIE * scale, RACE_TIE_SE * se):
+        return "tie"
+    return "win" if mean < 0 else "loss"
 
 
 def race_cells(rows) -> list[dict]:
+    """Per cell: the best of ours and of k-diffusion by mean FD over the seeds (samplers that
+    ran on every seed), each registry default and the converged ODE, as mean FD / mean floor
+    (a mean of per-seed ratios would be inflated by the small floors of low-dimensional
+    cells), and the paired verdicts against k-diffusion's best."""
+    stats, floors = race_stats(rows)
     cells = []
-    for key in dict.fromkeys((r["dist"], r["sde"], r["budget"]) for r in rows):
-        sub = [r for r in rows if (r["dist"], r["sde"], r["budget"]) == key and r["fd"] is not None]
-        best = {}
-        for fam in ("ours", "k-diffusion"):
-            cand = [r for r in sub if r["family"] == fam]
-            best[fam] = min(cand, key=lambda r: r["fd"]) if cand else None
-        default = {lab: next((r for r in sub if r["sampler"] == lab), None)
-                   for lab in ("dpm_solver (default)", "unipc (default)")}
-        converged = next((r for r in sub if r["family"] == "converged ODE"), None)
-        ratio = (best["ours"]["fd"] / best["k-diffusion"]["fd"]
-                 if best["ours"] and best["k-diffusion"] else None)
-        verdict = ("-" if ratio is None else "tie" if abs(ratio - 1) < RACE_TIE
-                   else "win" if ratio < 1 else "loss")
+    for cell, floor_by_seed in floors.items():
+        seeds = set(floor_by_seed)
+        floor = sum(floor_by_seed.values()) / len(seeds)
+
+        def ratio(per_seed):
+            return sum(per_seed.values()) / len(per_seed) / floor
+        fam = {f: {lab: v for (c, ff, lab), v in stats.items() if c == cell and ff == f
+                   and set(v) == seeds} for f in ("ours", "k-diffusion", "converged ODE")}
+        best = {f: min(fam[f].items(), key=lambda kv: ratio(kv[1])) if fam[f] else None
+                for f in ("ours", "k-diffusion")}
         kbest = best["k-diffusion"]
-        cells.append(dict(dist=key[0], sde=key[1], budget=key[2],
-                          ours=best["ours"]["sampler"], ours_ratio=best["ours"]["ratio"],
-                          ours_nfe=best["ours"]["nfe"],
-                          k=kbest and kbest["sampler"], k_ratio=kbest and kbest["ratio"],
-                          k_nfe=kbest and kbest["nfe"], fd_ratio=ratio, verdict=verdict,
-                          converged_ratio=converged and converged["ratio"],
-                          dpm_solver_default=default["dpm_solver (default)"]["ratio"],
-                          unipc_default=default["unipc (default)"]["ratio"],
-                          default_verdicts=[
-                              "-" if kbest is None else
-                              "tie" if abs(default[d]["fd"] / kbest["fd"] - 1) < RACE_TIE
-                              else "win" if default[d]["fd"] < kbest["fd"] else "loss"
-                              for d in ("dpm_solver (default)", "unipc (default)")]))
+        conv = fam["converged ODE"].get(RACE_CONVERGED)
+        entry = dict(dist=cell[0], sde=cell[1], budget=cell[2], seeds=len(seeds), floor=floor,
+                     ours=best["ours"][0], ours_ratio=ratio(best["ours"][1]),
+                     k=kbest and kbest[0], k_ratio=kbest and ratio(kbest[1]),
+                     converged_ratio=conv and ratio(conv))
+        entry["verdict"] = race_verdict(best["ours"][1], kbest[1], floor) if kbest else "-"
+        entry["defaults"] = {
+            label: dict(ratio=ratio(fam["ours"][label]),
+                        verdict=race_verdict(fam["ours"][label], kbest[1], floor)
+                        if kbest else "-")
+            for label in RACE_DEFAULTS if label in fam["ours"]}
+        cells.append(entry)
     return cells
 
 
+def race_every_row(rows) -> str:
+    """One line per row of ours: its W/T/L against k-diffusion's best of each cell and its
+    worst mean FD / floor, per budget (how each candidate default would have done)."""
+    stats, floors = race_stats(rows)
+    budgets = sorted({cell[2] for cell in floors})
+    labels = list(dict.fromkeys(lab for (_, fam, lab) in stats if fam == "ours"))
+    lines = ["# every row of ours vs k-diffusion's best per cell: W/T/L (failed), worst "
+             "FD/floor, per NFE"]
+    for label in labels:
+        parts = []
+        for budget in budgets:
+            verdicts, worst = [], 0.0
+            for cell, floor_by_seed in floors.items():
+                if cell[2] != budget:
+                    continue
+                floor = sum(floor_by_seed.values()) / len(floor_by_seed)
+                k = [v for (c, f, _), v in stats.items() if c == cell and f == "k-diffusion"
+                     and set(v) == set(floor_by_seed)]
+                ours = stats.get((cell, "ours", label))
+                if not k or ours is None or set(ours) != set(floor_by_seed):
+                    verdicts.append("failed")
+                    continue
+                kbest = min(k, key=lambda v: sum(v.values()))
+                verdicts.append(race_verdict(ours, kbest, floor))
+                worst = max(worst, sum(ours.values()) / len(ours) / floor)
+            parts.append(f"{budget}: {verdicts.count('win')}/{verdicts.count('tie')}/"
+                         f"{verdicts.count('loss')}"
+                         + (f" ({verdicts.count('failed')})" if "failed" in verdicts else "")
+                         + f" {worst:.2f}")
+        lines.append(f"# {label:32s} " + " | ".join(parts))
+    return "\n".join(lines)
+
+
 def race_table(cells) -> str:
+    labels = [lab for lab in RACE_DEFAULTS if any(lab in c["defaults"] for c in cells)]
     return markdown(
-        ["dist", "SDE", "NFE", "ours best (NFE)", "FD/floor", "k-diffusion best (NFE)", "FD/floor",
-         "ours/k", "verdict", "dpm_solver default", "unipc default", "defaults vs k",
-         "converged ODE"],
-        [[c["dist"], c["sde"], c["budget"], f"{c['ours']} ({c['ours_nfe']})",
-          f"{c['ours_ratio']:.2f}", "-" if c["k"] is None else f"{c['k']} ({c['k_nfe']})",
-          fmt(c["k_ratio"], ".2f"), fmt(c["fd_ratio"], ".2f"), c["verdict"],
-          f"{c['dpm_solver_default']:.2f}", f"{c['unipc_default']:.2f}",
-          " / ".join(c["default_verdicts"]), fmt(c.get("converged_ratio"), ".2f")]
+        ["dist", "SDE", "NFE", "ours best", "FD/floor", "k-diffusion best", "FD/floor",
+         "verdict", *labels, "converged ODE"],
+        [[c["dist"], c["sde"], c["budget"], c["ours"], f"{c['ours_ratio']:.2f}",
+          "-" if c["k"] is None else c["k"], fmt(c["k_ratio"], ".2f"), c["verdict"],
+          *[(f"{c['defaults'][lab]['ratio']:.2f} {c['defaults'][lab]['verdict']}"
+             if lab in c["defaults"] else "-") for lab in labels],
+          fmt(c.get("converged_ratio"), ".2f")]
          for c in cells])
 
 
 def race_summary(cells) -> str:
-    lines = []
+    lines = [f"# seeds per cell: {sorted({c['seeds'] for c in cells})}; FD / floor is the mean "
+             "over the seeds; verdicts on the paired per-seed differences"]
     for verdict in ("win", "tie", "loss"):
-        lines.append(f"# {verdict}: {sum(c['verdict'] == verdict for c in cells)} of {len(cells)}")
+        lines.append(f"# ours best vs k-diffusion best, {verdict}: "
+                     f"{sum(c['verdict'] == verdict for c in cells)} of {len(cells)}")
     for b in sorted({c["budget"] for c in cells}):
         sub = [c for c in cells if c["budget"] == b]
         worst = max(sub, key=lambda c: c["ours_ratio"])
-        lines.append(f"# NFE {b}: worst ours-best FD/floor {worst['ours_ratio']:.2f} "
-                     f"({worst['dist']} {worst['sde']}); worst dpm_solver default "
-                     f"{max(c['dpm_solver_default'] for c in sub):.2f}, unipc default "
-                     f"{max(c['unipc_default'] for c in sub):.2f}")
-    for i, d in enumerate(("dpm_solver", "unipc")):
-        v = [c["default_verdicts"][i] for c in cells]
-        lines.append(f"# {d} default vs k-diffusion best: {v.count('win')} win, "
-                     f"{v.count('tie')} tie, {v.count('loss')} loss")
+        parts = [f"# NFE {b}: worst ours-best FD/floor {worst['ours_ratio']:.2f} "
+                 f"({worst['dist']} {worst['sde']})"]
+        for lab in RACE_DEFAULTS:
+            values = [c["defaults"][lab] for c in sub if lab in c["defaults"]]
+            if values:
+                verdicts = [v["verdict"] for v in values]
+                parts.append(f"{lab}: worst {max(v['ratio'] for v in values):.2f}, "
+                             f"{verdicts.count('win')}/{verdicts.count('tie')}/"
+                             f"{verdicts.count('loss')} W/T/L")
+        lines.append("; ".join(parts))
     return "\n".join(lines)
 
 
@@ -968,9 +1065,12 @@ def parse_args(argv=None):
     p.add_argument("--race-distributions", help="--race2: comma-separated subset of "
                    + ",".join(RACE_DISTRIBUTIONS) + " (held out), or of bench/endpoints.py's "
                    "gauss64,ring8,ring8_thin,mix8d,two_scale (the defaults' tuning set)")
-    p.add_argument("--race-seed", type=int, default=1,
-                   help="--race2: sampler seed s; the reference and floor sets use 100 s + 1, "
-                   "100 s + 2")
+    p.add_argument("--race-seeds", default="1",
+                   help="--race2: comma-separated sampler seeds s (each: reference and floor "
+                   "sets 100 s + 1, 100 s + 2); the table averages FD / floor over them")
+    p.add_argument("--race-merge", nargs="+", metavar="RACE_JSON",
+                   help="--race2: run nothing, merge the rows of earlier --out files (seeds "
+                   "run in parallel processes) into one table")
     p.add_argument("--check-extra", action="store_true",
                    help="only check that k-diffusion's sampling module imports, and exit")
     return p.parse_args(argv)

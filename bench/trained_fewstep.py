@@ -20,14 +20,32 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+#: The budgets, final denoising step included.
+NFES = (5, 10, 20)
+
+
 #: column -> (sampler, options) at NFE n: num_steps = n - 1 plus the final denoising step.
+#: Labels name every option that differs from the registry's defaults of round two's start
+#: (ipndm order 4 on log-SNR steps), so cached results stay valid when a default changes.
 def cells(nfe: int) -> dict:
     steps = nfe - 1
     return {f"dpm_solver 2M, eps end (before) @{nfe}":
                 ("dpm_solver", {"num_steps": steps, "sigma_min": None}),
             f"dpm_solver (default) @{nfe}": ("dpm_solver", {"num_steps": steps}),
             f"unipc (default) @{nfe}": ("unipc", {"num_steps": steps}),
-            f"ipndm (default) @{nfe}": ("ipndm", {"num_steps": steps})}
+            f"ipndm order 4 logsnr @{nfe}": ("ipndm", {"num_steps": steps, "order": 4,
+                                                        "spacing": "logsnr"}),
+            f"dpm_solver 2M lof=off @{nfe}": ("dpm_solver", {"num_steps": steps,
+                                                             "lower_order_final": False}),
+            f"unipc lof=off @{nfe}": ("unipc", {"num_steps": steps, "lower_order_final": False}),
+            f"ipndm order 3 logsnr @{nfe}": ("ipndm", {"num_steps": steps, "order": 3,
+                                                        "spacing": "logsnr"}),
+            f"ipndm order 3 karras @{nfe}": ("ipndm", {"num_steps": steps, "order": 3,
+                                                        "spacing": "karras"})}
+
+
+#: Earlier labels of the same cells (results files written before the relabelling).
+OLD_LABELS = {"ipndm (default)": "ipndm order 4 logsnr", "ipndm order 3": "ipndm order 3 logsnr"}
 
 
 def run_config(name: str, num_samples: int):
@@ -47,6 +65,8 @@ def main() -> None:
     parser.add_argument("--root", default="runs/fewstep")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--runs", default="vp,ve,subvp")
+    parser.add_argument("--seeds", default="0",
+                        help="comma-separated config.seed values (each draws other samples)")
     args = parser.parse_args()
     import samplers
     from run_lib import demo, quality
@@ -54,7 +74,8 @@ def main() -> None:
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     path = root / "results.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    results = upgrade(json.loads(path.read_text())) if path.is_file() else {}
+    seeds = [int(v) for v in args.seeds.split(",") if v]
     demo.prepare_quality(run_config("vp", args.num_samples))
     for name in args.runs.split(","):
         config = run_config(name, args.num_samples)
@@ -62,26 +83,51 @@ def main() -> None:
         if not (workdir / "checkpoints" / "checkpoint_1500.pt").is_file():
             train(config, workdir, progress=False)
         entry = results.setdefault(name, {})
-        for nfe in (10, 20):
-            for column, (sampler, options) in cells(nfe).items():
-                if column in entry:
-                    continue
-                config.sampling[sampler] = {**samplers.SAMPLERS[sampler].defaults, **options}
-                start = time.perf_counter()
-                metrics = quality.evaluate(config, workdir, method=sampler, progress=False)
-                entry[column] = {"fid": metrics["fid"], "is": metrics["is"],
-                                 "nfe": metrics["protocol"].get("nfe"),
-                                 "seconds": round(time.perf_counter() - start, 1)}
-                path.write_text(json.dumps(results, indent=1))
-                print(name, column, entry[column], flush=True)
-    columns = list(cells(10)) + list(cells(20))
-    print("| model | " + " | ".join(columns) + " |")
-    print("|---" * (len(columns) + 1) + "|")
-    for name, entry in results.items():
-        print(f"| {name} | " + " | ".join(
-            f"{entry[c]['fid']:.2f} ({entry[c]['nfe']})" if c in entry else "-"
-            for c in columns) + " |")
+        for seed in seeds:
+            config.seed = seed
+            for nfe in NFES:
+                for column, (sampler, options) in cells(nfe).items():
+                    per_seed = entry.setdefault(column, {})
+                    if str(seed) in per_seed:
+                        continue
+                    config.sampling[sampler] = {**samplers.SAMPLERS[sampler].defaults,
+                                                **options}
+                    start = time.perf_counter()
+                    metrics = quality.evaluate(config, workdir, method=sampler, progress=False)
+                    per_seed[str(seed)] = {"fid": metrics["fid"], "is": metrics["is"],
+                                           "nfe": metrics["protocol"].get("nfe"),
+                                           "seconds": round(time.perf_counter() - start, 1)}
+                    path.write_text(json.dumps(results, indent=1))
+                    print(name, column, seed, per_seed[str(seed)], flush=True)
+    print(table(results))
 
+
+def upgrade(results: dict) -> dict:
+    """Results of the one-seed format ({run: {column: metrics}}) as {run: {column: {seed:
+    metrics}}} with the current labels."""
+    for entry in results.values():
+        for column in list(entry):
+            label, _, nfe = column.rpartition(" @")
+            new = f"{OLD_LABELS.get(label, label)} @{nfe}"
+            value = entry.pop(column)
+            entry[new] = {"0": value} if "fid" in value else value
+    return results
+
+
+def table(results: dict) -> str:
+    """Markdown: one row per run, one column per cell, the mean FID over the seeds (and the
+    number of seeds when more than one)."""
+    columns = [column for nfe in NFES for column in cells(nfe)]
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, entry in results.items():
+        values = []
+        for column in columns:
+            per_seed = entry.get(column, {})
+            fids = [m["fid"] for m in per_seed.values()]
+            values.append("-" if not fids else f"{sum(fids) / len(fids):.2f}"
+                          + (f" (x{len(fids)})" if len(fids) > 1 else ""))
+        lines.append(f"| {name} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

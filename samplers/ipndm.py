@@ -26,17 +26,27 @@ though orders 3-4 have smaller error constants at few steps.
 Noise levels: sigma(t_i) on ``fast.timesteps`` (T = t_0 > ... > t_n = t_end, the time of
 sigma_min = 0.02 by default, or eps with sigma_min=None); NFE = num_steps (+ 1 for the final
 Tweedie step at t_end with ``denoise``, k-diffusion's step to sigma = 0).
+
+Defaults (chosen by measurement, bench/README.md "Few-step race, round two"): order 3, and
+``spacing=None`` takes ``default_spacing(sde)``: Karras (rho = 7) steps on a VE SDE, log-SNR
+steps otherwise. The first step is Euler; on a VP-type SDE sigma(T) ~ 150 is far above the
+data's scale, so a log-SNR first step (152 -> 17 at 4 steps) changes little and is nearly
+exact, while on a VE SDE sigma_max is about the data's diameter (Song & Ermon 2020,
+technique 1) and the log-SNR first step (20 -> 3.6) is where Euler errs most; Karras's
+(20 -> 6.1) halves it. On the tuning distributions (bench/endpoints.py, exact scores, 4 seeds)
+at 5 NFE Karras steps took ipndm's VE FD / floor from 19.7 / 10.1 to 2.3 / 3.8 on the thin
+ring / two-scale mixture, and log-SNR steps on VP from 94 / 90 (Karras) to 4.2 / 2.0.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from sde_lib import SDE, check_int
+from sde_lib import SDE, VESDE, check_int
 
 from .fast import SIGMA_MIN, Output, check_grid_options, combine, final_denoise, timesteps
 from .harness import Harness, SampleResult
 
-__all__ = ["ipndm_sample", "check_ipndm_options", "ADAMS_BASHFORTH"]
+__all__ = ["ipndm_sample", "check_ipndm_options", "ADAMS_BASHFORTH", "default_spacing"]
 
 #: The Adams-Bashforth weights by order, newest output first (iPNDM's c^(q)).
 ADAMS_BASHFORTH = {
@@ -47,15 +57,22 @@ ADAMS_BASHFORTH = {
 }
 
 
-def check_ipndm_options(sde: SDE, *, num_steps=20, order=4, spacing="logsnr", eps=1e-3,
+def default_spacing(sde: SDE) -> str:
+    """iPNDM's step spacing when none is given: "karras" on a VE SDE, "logsnr" otherwise
+    (the module docstring says why)."""
+    return "karras" if isinstance(sde, VESDE) else "logsnr"
+
+
+def check_ipndm_options(sde: SDE, *, num_steps=20, order=3, spacing=None, eps=1e-3,
                         sigma_min=SIGMA_MIN, schedule=None, denoise=True) -> None:
     """ValueError naming the first bad option of ``ipndm_sample``."""
+    spacing = default_spacing(sde) if spacing is None else spacing
     check_grid_options(sde, num_steps, spacing, eps, denoise, sigma_min, schedule)
     check_int("order", order, 1, 4)
 
 
-def ipndm_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, order: int = 4,
-                 spacing: str = "logsnr", eps: float = 1e-3,
+def ipndm_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, order: int = 3,
+                 spacing: str | None = None, eps: float = 1e-3,
                  sigma_min: float | None = SIGMA_MIN, schedule: str | None = None,
                  denoise: bool = True, **harness_options) -> SampleResult:
     """iPNDM (Zhang & Chen 2023): fixed-coefficient Adams-Bashforth in sigma on the noise
@@ -66,8 +83,8 @@ def ipndm_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, or
         sde, shape: the forward SDE; (B, *data_shape).
         num_steps: steps from T to eps on ``fast.timesteps`` (one evaluation each).
         order: the Adams-Bashforth order, 1-4 (1: Euler in sigma = DDIM with eta = 0).
-        spacing: "logsnr", "uniform" or "karras" (``fast.timesteps``). eps: the last time,
-            unless sigma_min is set.
+        spacing: "logsnr", "uniform" or "karras" (``fast.timesteps``); None:
+            ``default_spacing(sde)``. eps: the last time, unless sigma_min is set.
         sigma_min, schedule: the grid's end noise level and a fitted step schedule file (as
             ``fast.ddim_sample``).
         denoise: one more evaluation for the Tweedie step at the grid's end t_end (as ``fast``).
@@ -79,6 +96,7 @@ def ipndm_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, or
                         sigma_min=sigma_min, schedule=schedule, denoise=denoise)
     with Harness(score_fn, sde, shape, name=f"ipndm (order {order})", total=num_steps,
                  **harness_options) as run:
+        spacing = default_spacing(sde) if spacing is None else spacing
         times, points = run.points(timesteps(sde, num_steps, spacing=spacing, eps=eps,
                                              sigma_min=sigma_min, schedule=schedule))
         steps = []

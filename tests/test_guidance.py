@@ -392,7 +392,7 @@ def guided_by(kind: str, mix, sde, labels):
 #: mean 0.00045, worst 0.00105 over 20 seeds. Measured (worst of 3 seeds x VP / sub-VP / VE
 #: from the exact start): ode 0.00075, ddim 0.025 (sub-VP; first order at 20 steps, 0.011 VP
 #: and VE), dpm_solver 0.0025 (sub-VP), edm 0.0047 (sub-VP), dpm_adaptive 0.0008, ald 0.0014,
-#: pc 0.0009, unipc 0.0029 (sub-VP), ipndm 0.0022 (sub-VP), respaced 0.0030 (VP; 50 steps
+#: pc 0.0009, unipc 0.0029 (sub-VP), ipndm 0.0013 (VE), respaced 0.0030 (VP; 50 steps
 #: with beta~, which is below the optimal variance; VE 0.0010; sub-VP has no chain).
 #: Bounds ~1.5x the worst, at least 2x the floor's worst; a mode blurred or
 #: shrunk by 20 % in std moves the FD by 0.0018, a mode centred 0.05 off by 0.0025.

@@ -170,9 +170,10 @@ def test_registry_options_name_unknown_options_and_keep_defaults():
 #: 10 levels 1 -> 0.01, 100 steps each), for VP / sub-VP / VE:
 #:   pc 0.96 / 0.76 / 0.74, ald (VE) 1.18, ode 1.20 / 1.20 / 1.10, ddim 2.91 / 2.91 / 1.94,
 #:   dpm_solver 1.39 / 1.39 / 1.20, edm 2.66 / 2.66 / 1.48, dpm_adaptive 1.05 / 1.06 / 0.99,
-#:   unipc 1.30 / 1.30 / 1.14, ipndm 1.35 / 1.35 / 1.17 (few-step grids ending at the default
-#:   sigma_min = 0.02; with the old end t = eps: ddim 3.22 / 6.32 / 2.19, dpm_solver
-#:   1.43 / 1.74 / 1.23, edm 2.87 / 4.02 / 1.56, unipc 1.33 / 1.65 / 1.16, ipndm 1.38 / 1.69 / 1.19).
+#:   unipc 1.30 / 1.30 / 1.14, ipndm 1.30 / 1.30 / 1.16 (few-step grids ending at the default
+#:   sigma_min = 0.02; ipndm order 3, Karras steps on VE; with the old end t = eps: ddim
+#:   3.22 / 6.32 / 2.19, dpm_solver 1.43 / 1.74 / 1.23, edm 2.87 / 4.02 / 1.56, unipc
+#:   1.33 / 1.65 / 1.16, ipndm (then order 4 on log-SNR steps) 1.38 / 1.69 / 1.19).
 #: DDIM is first order and EDM's Heun takes its 18 levels on a grid made for VE, so at their
 #: default 20 / 18 steps they sit several times above the floor; a broken update would give
 #: FD of order 1 (100x the floor). Bounds: ~1.5x the worst measured ratio.

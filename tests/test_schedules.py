@@ -273,7 +273,7 @@ def test_ode_likelihood_matches_the_true_log_density(make_sde, data):
 #: N = 1000, where the ratio is 21 and falls to 1.4 at 72 steps), against 148 for the log-SNR
 #: one and 152 for VP, so it is furthest from the floor there; DDIM is first order. A broken
 #: update gives ~100x the floor. Bounds: ~1.5x the measured ratio.
-#: unipc 1.45 / 1.44, ipndm 1.50 / 1.50, respaced (50 of the 100 levels, beta~) 2.17 / 4.51:
+#: unipc 1.45 / 1.44, ipndm 1.35 / 1.30, respaced (50 of the 100 levels, beta~) 2.17 / 4.51:
 #: the log-SNR chain's beta~ is far below the optimal variance in its first levels.
 BOUNDS = {"pc": 1.7, "ode": 1.8, "ddim": 7.0, "dpm_solver": 2.4, "edm": {"cosine_vpsde": 8.5,
           "logsnr_vpsde": 5.5}, "dpm_adaptive": 1.6, "unipc": 2.2, "ipndm": 2.3,
@@ -342,7 +342,7 @@ def test_every_pc_predictor(gaussian16, make_sde, predictor):
 def test_every_sampler_at_n_1000(gaussian16, sde_name, name):
     """The same at the default N = 1000 (pc: 1000 levels, ~7 s). Measured (cosine / log-SNR):
     pc 0.79 / 0.72, ode 1.21 / 1.20, ddim 6.0 / 4.5, dpm_solver 1.72 / 1.56, edm 21.2 / 3.4,
-    dpm_adaptive 1.08 / 1.07, unipc 1.63 / 1.44, ipndm 1.68 / 1.50, respaced 1.58 / 3.40."""
+    dpm_adaptive 1.08 / 1.07, unipc 1.63 / 1.44, ipndm 1.40 / 1.30, respaced 1.58 / 3.40."""
     dist, reference, floor = gaussian16
     sde = SCHEDULES[sde_name]()
     result = samplers.SAMPLERS[name](dist.score_fn(sde), sde, (2000, 16), dtype=F64,
