@@ -33,9 +33,11 @@ steps otherwise. The first step is Euler; on a VP-type SDE sigma(T) ~ 150 is far
 data's scale, so a log-SNR first step (152 -> 17 at 4 steps) changes little and is nearly
 exact, while on a VE SDE sigma_max is about the data's diameter (Song & Ermon 2020,
 technique 1) and the log-SNR first step (20 -> 3.6) is where Euler errs most; Karras's
-(20 -> 6.1) halves it. On the tuning distributions (bench/endpoints.py, exact scores, 4 seeds)
-at 5 NFE Karras steps took ipndm's VE FD / floor from 19.7 / 10.1 to 2.3 / 3.8 on the thin
-ring / two-scale mixture, and log-SNR steps on VP from 94 / 90 (Karras) to 4.2 / 2.0.
+(20 -> 6.1) is shorter. On the tuning distributions (bench/endpoints.py, exact scores, mean
+FD / floor over 8 seeds) at 5 NFE Karras steps took order 3's VE results from 1.25 / 3.33 /
+6.16 / 4.94 to 1.02 / 2.05 / 2.58 / 4.25 (64-D Gaussian / eight-mode ring / thin ring /
+two-scale mixture), while on VP they would take log-SNR's 2.75 / 4.83 (ring / thin ring) to
+106 / 125. Order 3 against 4 on the default grids: see bench/README.md.
 """
 from __future__ import annotations
 
