@@ -41,8 +41,10 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
+import tempfile
 import time
 import types
 from dataclasses import asdict, dataclass
@@ -596,7 +598,7 @@ RACE_SDES = {"VP": lambda: sde_lib.VPSDE(), "subVP": lambda: sde_lib.subVPSDE(),
 RACE_K_SIGMA_MIN = 0.02
 
 
-def race_our_cases(budget: int):
+def race_our_cases(budget: int, fitted=None):
     """(label, sampler name, options): ours at ``budget`` NFE, the final Tweedie step counted
     (num_steps = budget - 1; EDM: (budget + 1) // 2 levels). The rows labelled "(default)"
     (RACE_DEFAULTS) are what a user gets from ``--sampler dpm_solver`` / ``unipc`` / ``ipndm``
@@ -628,7 +630,37 @@ def race_our_cases(budget: int):
                                                   spacing="karras")),
            ("dpm_solver 2M lof=off karras", "dpm_solver", dict(num_steps=n, spacing="karras",
                                                                lower_order_final=False))]
+    if fitted is not None:      # schedules fitted on the data's mean and covariance
+        for solver in ("ipndm", "dpm_solver"):
+            out.append((f"{solver} fitted on the moments", solver,
+                        dict(num_steps=n, schedule=fitted(solver, n))))
     return out
+
+
+#: Fitted schedules of the race, shared by its seeds: (dist, SDE, solver, steps) -> path.
+RACE_FITTED: dict = {}
+
+
+def race_moment_schedules(dist_name: str, dist, sde_name: str, sde, folder: Path):
+    """fitted(solver, num_steps) -> the path of a step schedule for the registry default of
+    ``solver`` fitted (samplers.schedules_opt.fit_schedule, sigma_min = 0.02) on a Gaussian
+    with ``dist``'s mean and covariance: the proxy a user can compute from training data. On
+    a Gaussian data set the proxy is the data itself (not held out)."""
+    from samplers.schedules_opt import fit_schedule, proxy_description, save_schedule
+    proxy = sde_lib.GaussianMixture(torch.ones(1, dtype=F64), dist.mean()[None],
+                                    dist.covariance()[None])
+
+    def fitted(solver: str, num_steps: int) -> str:
+        key = (dist_name, sde_name, solver, num_steps)
+        if key not in RACE_FITTED:
+            fit = fit_schedule(proxy, sde, solver, num_steps, sigma_min=samplers.fast.SIGMA_MIN)
+            path = folder / f"{'_'.join(map(str, key))}.json"
+            save_schedule(path, solver=solver, solver_options={}, sde=repr(sde),
+                          proxy=proxy_description(proxy), method={"fit": "race"},
+                          entries={num_steps: {"sigmas": fit["sigmas"], "nfe": num_steps + 1}})
+            RACE_FITTED[key] = str(path)
+        return RACE_FITTED[key]
+    return fitted
 
 
 #: k-diffusion's deterministic (and two ancestral) fixed-step samplers: name -> (NFE per step
@@ -703,7 +735,8 @@ def race_one_seed(args, ks, seed: int):
                     sdes={s: repr(RACE_SDES[s]()) for s in sde_names},
                     k_diffusion=getattr(ks, "__file__", None))
     print("# settings: " + json.dumps(settings), flush=True)
-    rows = []
+    rows, only = [], args.race_only
+    folder = args.race_schedules or tempfile.mkdtemp(prefix="race_schedules_")
     for dist_name in dist_names:
         if dist_name in RACE_DISTRIBUTIONS:
             dist = RACE_DISTRIBUTIONS[dist_name]()
@@ -721,6 +754,7 @@ def race_one_seed(args, ks, seed: int):
         for sde_name in sde_names:
             sde = RACE_SDES[sde_name]()
             score_fn = dist.score_fn(sde)
+            fitted = race_moment_schedules(dist_name, dist, sde_name, sde, Path(folder))
             for budget in budgets:
                 def add(family, label, x, nfe, error=None):
                     fd = None if x is None else frechet_distance(x, ref)
@@ -729,7 +763,9 @@ def race_one_seed(args, ks, seed: int):
                                      ratio=None if fd is None else fd / floor, error=error))
                     if nfe is not None and nfe > budget and family != "converged ODE":
                         print(f"# WARNING: {label} made {nfe} NFE > {budget}", flush=True)
-                for label, name, kw in race_our_cases(budget):
+                for label, name, kw in race_our_cases(budget, fitted):
+                    if only and not re.search(only, label):
+                        continue
                     counting = CountingScore(score_fn)
                     try:
                         x = samplers.SAMPLERS[name].fn(
@@ -740,6 +776,8 @@ def race_one_seed(args, ks, seed: int):
                         add("ours", label, x, counting.nfe)
                     except (ValueError, FloatingPointError) as error:
                         add("ours", label, None, None, str(error).split(";")[0])
+                if only:
+                    continue
                 # The converged probability-flow ODE from the same x_T (3M, 200 steps, to eps):
                 # the FD a deterministic sampler tends to with this seed (its own noise).
                 x = samplers.SAMPLERS["dpm_solver"].fn(
@@ -1068,6 +1106,12 @@ def parse_args(argv=None):
     p.add_argument("--race-seeds", default="1",
                    help="--race2: comma-separated sampler seeds s (each: reference and floor "
                    "sets 100 s + 1, 100 s + 2); the table averages FD / floor over them")
+    p.add_argument("--race-only", metavar="REGEX",
+                   help="--race2: run only our rows whose label matches (no k-diffusion, no "
+                   "converged ODE), to merge with an earlier run of the same seeds")
+    p.add_argument("--race-schedules", metavar="DIR",
+                   help="--race2: where the schedules fitted on each distribution's moments go "
+                   "(default: a temporary folder)")
     p.add_argument("--race-merge", nargs="+", metavar="RACE_JSON",
                    help="--race2: run nothing, merge the rows of earlier --out files (seeds "
                    "run in parallel processes) into one table")

@@ -41,7 +41,41 @@ def cells(nfe: int) -> dict:
             f"ipndm order 3 logsnr @{nfe}": ("ipndm", {"num_steps": steps, "order": 3,
                                                         "spacing": "logsnr"}),
             f"ipndm order 3 karras @{nfe}": ("ipndm", {"num_steps": steps, "order": 3,
-                                                        "spacing": "karras"})}
+                                                        "spacing": "karras"}),
+            f"ipndm fitted on the moments @{nfe}": ("ipndm", {"num_steps": steps, "order": 3,
+                                                               "schedule": MOMENTS}),
+            f"unipc fitted on the moments @{nfe}": ("unipc", {"num_steps": steps,
+                                                               "schedule": MOMENTS})}
+
+
+#: An option value replaced by a schedule fitted on the training digits' mean and covariance
+#: (samplers.schedules_opt.fit_schedule with the run's SDE and the sampler's options).
+MOMENTS = "moments"
+
+
+def moment_schedule(config, workdir: Path, sampler: str, options: dict) -> str:
+    """The path of ``sampler``'s schedule for options["num_steps"] intervals fitted on a
+    Gaussian with the mean and covariance of the training digits in [-1, 1] (fitted once and
+    kept in <workdir>/schedules)."""
+    from run_lib import compose
+    from samplers.schedules_opt import fit_schedule, proxy_description, save_schedule
+    from fit_schedule import build_proxy
+    steps = options["num_steps"]
+    fixed = {k: v for k, v in options.items() if k not in ("num_steps", "schedule")}
+    path = workdir / "schedules" / (f"{sampler}_{steps}_"
+                                    + "_".join(f"{k}={v}" for k, v in sorted(fixed.items()))
+                                    + ".json")
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sde = compose.build_sde(config)
+        proxy, name = build_proxy("digits")
+        import samplers
+        sigma_min = fixed.get("sigma_min", samplers.SAMPLERS[sampler].defaults["sigma_min"])
+        fit = fit_schedule(proxy, sde, sampler, steps, solver_options=fixed, sigma_min=sigma_min)
+        save_schedule(path, solver=sampler, solver_options=fixed, sde=repr(sde),
+                      proxy={"name": name, **proxy_description(proxy)}, method={"fit": "bench"},
+                      entries={steps: {"sigmas": fit["sigmas"], "nfe": steps + 1}})
+    return str(path)
 
 
 #: Earlier labels of the same cells (results files written before the relabelling).
@@ -90,6 +124,9 @@ def main() -> None:
                     per_seed = entry.setdefault(column, {})
                     if str(seed) in per_seed:
                         continue
+                    if options.get("schedule") == MOMENTS:
+                        options = {**options, "schedule": moment_schedule(config, workdir,
+                                                                          sampler, options)}
                     config.sampling[sampler] = {**samplers.SAMPLERS[sampler].defaults,
                                                 **options}
                     start = time.perf_counter()

@@ -31,7 +31,7 @@ from .schedules_opt import check_schedule, schedule_fractions
 __all__ = ["timesteps", "ddim_sample", "dpm_solver_sample", "check_ddim_options", "Output",
            "check_dpm_solver_options", "ExponentialStep", "combine", "model_output", "singlestep_2", "singlestep_3",
            "final_denoise", "SPACINGS", "SIGMA_MIN", "check_grid_options",
-           "DPM_ALGORITHMS", "WARMUPS", "LOWER_ORDER_FINAL_BELOW"]
+           "DPM_ALGORITHMS", "WARMUPS", "LOWER_ORDER_FINAL_BELOW", "LOWER_ORDER_FINAL_FROM"]
 
 #: The default end point of the few-step samplers' grids: sigma = std / alpha = 0.02 on every
 #: SDE (``sigma_min``; None ends at t = eps: sigma 0.0105 on VP, 1.1e-4 on sub-VP, 0.0101 on
@@ -47,8 +47,15 @@ WARMUPS = ("lower_order", "singlestep")
 #: Valid ``algorithm`` names: data prediction (DPM-Solver++) or noise prediction.
 DPM_ALGORITHMS = ("dpmsolver++", "dpmsolver")
 #: ``lower_order_final=True`` lowers the final multistep orders only for runs of fewer steps
-#: than this (the official DPM-Solver / diffusers threshold).
+#: than this (the official DPM-Solver / diffusers threshold) ...
 LOWER_ORDER_FINAL_BELOW = 15
+#: ... and of at least this many: with 4 steps or fewer the warm-up and the lowered end would
+#: leave half the steps first order. Measured (bench/README.md, "Few-step race, round two"):
+#: at 4 steps (5 NFE) lowering cost DPM-Solver++(2M) and UniPC on the trained digits models
+#: (FID 94 -> 62 and 77 -> 45 on VP without it) and in the worst case on exact scores (FD /
+#: floor 78 -> 20 on the tuning set); at 5-7 steps it helped (worst case 11 / 7.6 / 3.3 against
+#: 14 / 9.4 / 5.0 without).
+LOWER_ORDER_FINAL_FROM = 5
 
 
 # ----- time steps ---------------------------------------------------------------------------
@@ -340,9 +347,10 @@ def dpm_solver_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 2
     until enough history exists, which bounds 3M's global order by 2 where the first step
     matters (measured on VE); "singlestep" takes the first step with the single-step
     second-order method (one more evaluation) and keeps third order.
-    ``lower_order_final`` (the official default): below LOWER_ORDER_FINAL_BELOW = 15 steps,
-    multistep step i uses order min(order, num_steps - i), for stability with trained
-    networks at small t; on the exact score it costs accuracy (bench/README.md).
+    ``lower_order_final`` (the official default): from LOWER_ORDER_FINAL_FROM = 5 to below
+    LOWER_ORDER_FINAL_BELOW = 15 steps, multistep step i uses order min(order, num_steps - i),
+    for stability with trained networks at small t (the official code lowers at any count
+    below 15; at 4 steps or fewer it measured worse here, see LOWER_ORDER_FINAL_FROM).
 
     Args:
         order: 1, 2 or 3. multistep: multistep or single-step. algorithm: "dpmsolver++" or
@@ -376,7 +384,7 @@ def _multistep_orders(num_steps: int, order: int, lower_order_final: bool) -> li
     """The order of each multistep step: lower while the history fills, and lower at the end
     of short runs (``lower_order_final``)."""
     orders = [min(order, i + 1) for i in range(num_steps)]
-    if lower_order_final and num_steps < LOWER_ORDER_FINAL_BELOW:
+    if lower_order_final and LOWER_ORDER_FINAL_FROM <= num_steps < LOWER_ORDER_FINAL_BELOW:
         orders = [min(k, num_steps - i) for i, k in enumerate(orders)]
     return orders
 

@@ -239,9 +239,9 @@ def test_fd_at_10_and_20_steps(gaussian, sde_name, case):
 @pytest.mark.parametrize("algorithm", DPM_ALGORITHMS)
 @pytest.mark.parametrize("sde_name", SDES)
 def test_lower_order_final(sde_name, algorithm):
-    """lower_order_final (default on): with num_steps < 15 the last multistep step is the
+    """lower_order_final (default on): with 5 <= num_steps < 15 the last multistep step is the
     first-order update from the previous state and the model output there, the one before at
-    most second order; with >= 15 steps, or single-step methods, nothing changes."""
+    most second order; with >= 15 or <= 4 steps, or single-step methods, nothing changes."""
     sde = SDES[sde_name]()
     x_T = sde.prior_sampling((8, 4), generator=torch.Generator().manual_seed(4), dtype=F64)
     score = flow_problem_score(sde)
@@ -269,12 +269,15 @@ def test_lower_order_final(sde_name, algorithm):
     else:                               # DPM-Solver-1 (eq. 3.7) with eps_hat = -std s
         expected = (a_t / a_s) * x - sd_t * torch.expm1(h) * (-sd_s * s)
     torch.testing.assert_close(on, expected, rtol=1e-12, atol=1e-12)
-    # order 3, 2 steps: orders 1, 1 = DPM-Solver-1 = DDIM
-    torch.testing.assert_close(run(2, order=3)[0], ddim_sample(
+    # order 1 at any count = DPM-Solver-1 = DDIM
+    torch.testing.assert_close(run(2, order=1)[0], ddim_sample(
         score, sde, x_T.shape, num_steps=2, x_init=x_T, denoise=False, sigma_min=None).x, rtol=1e-10,
         atol=1e-10)
-    # >= 15 steps and single-step: no change
-    for kw in (dict(num_steps=15, order=3), dict(num_steps=6, order=3, multistep=False)):
+    # 5 steps of order 3: lowered (orders 1, 2, 3, 2, 1 against 1, 2, 3, 3, 3)
+    assert (run(5, order=3)[0] - run(5, order=3, lower_order_final=False)[0]).abs().max() > 1e-6
+    # >= 15 steps, <= 4 steps (fast.LOWER_ORDER_FINAL_FROM) and single-step: no change
+    for kw in (dict(num_steps=15, order=3), dict(num_steps=4, order=2),
+               dict(num_steps=4, order=3), dict(num_steps=6, order=3, multistep=False)):
         n = kw.pop("num_steps")
         torch.testing.assert_close(run(n, **kw)[0], run(n, lower_order_final=False, **kw)[0],
                                    rtol=0, atol=0)

@@ -141,7 +141,7 @@ def test_unip_1_is_ddim_and_unip_bh2_is_multistep_dpm_solver(sde_name, algorithm
 def test_corrector_output_is_reused_and_the_last_step_is_not_corrected(sde_name):
     """With the corrector, step k's model output is the one at the predicted point (the
     callback's ``denoised`` after step k: Tweedie on the last evaluation), and the last step
-    (order 1 below 15 steps, with ``lower_order_final``) is the uncorrected DPM-Solver++(1)
+    (order 1 at 5-14 steps, with ``lower_order_final``) is the uncorrected DPM-Solver++(1)
     update from x_{n-1} with that output: x_n = (std_n / std_{n-1}) x_{n-1} - alpha_n
     expm1(-h) m_{n-1}. The corrector changes the states and costs no evaluation."""
     sde = SDES[sde_name]()
@@ -162,7 +162,8 @@ def test_corrector_output_is_reused_and_the_last_step_is_not_corrected(sde_name)
 
 
 def test_lower_order_final():
-    """Below 15 steps the final orders fall (as dpm_solver); from 15 steps nothing changes."""
+    """From 5 to below 15 steps the final orders fall (as dpm_solver); from 15 steps, or at 4
+    or fewer, nothing changes."""
     sde = SDES["vp"]()
     x_T, score = _x_T(sde), flow_problem_score(sde)
 
@@ -170,6 +171,7 @@ def test_lower_order_final():
         return unipc_sample(score, sde, x_T.shape, num_steps=n, order=3, x_init=x_T, **kw).x
     assert (run(8) - run(8, lower_order_final=False)).abs().max() > 1e-6
     torch.testing.assert_close(run(15), run(15, lower_order_final=False), rtol=0, atol=0)
+    torch.testing.assert_close(run(4), run(4, lower_order_final=False), rtol=0, atol=0)
 
 
 # ----- distributions --------------------------------------------------------------------------
