@@ -602,7 +602,9 @@ def race_our_cases(budget: int, fitted=None):
     """(label, sampler name, options): ours at ``budget`` NFE, the final Tweedie step counted
     (num_steps = budget - 1; EDM: (budget + 1) // 2 levels). The rows labelled "(default)"
     (RACE_DEFAULTS) are what a user gets from ``--sampler dpm_solver`` / ``unipc`` / ``ipndm``
-    with the registry defaults; the others name every option they change."""
+    with the registry defaults; the others name every option they change, and those not
+    marked lof=off lower the final orders by the official rule (``lower_order_final=True``:
+    below 15 steps at any count; the default since round two starts at 5 steps)."""
     n = budget - 1
     out = [("dpm_solver (default)", "dpm_solver", dict(num_steps=n)),
            ("unipc (default)", "unipc", dict(num_steps=n)),
@@ -611,18 +613,22 @@ def race_our_cases(budget: int, fitted=None):
            ("ipndm order 4 logsnr", "ipndm", dict(num_steps=n, order=4, spacing="logsnr")),
            ("edm", "edm", dict(num_steps=(budget + 1) // 2)),
            ("dpm_solver 2M lof=off", "dpm_solver", dict(num_steps=n, lower_order_final=False)),
-           ("dpm_solver 3M", "dpm_solver", dict(num_steps=n, order=3)),
+           ("dpm_solver 3M", "dpm_solver", dict(num_steps=n, order=3, lower_order_final=True)),
            ("dpm_solver 3M lof=off", "dpm_solver", dict(num_steps=n, order=3,
                                                          lower_order_final=False)),
-           ("dpm_solver 2M karras", "dpm_solver", dict(num_steps=n, spacing="karras")),
-           ("dpm_solver 2M sigma_min=eps", "dpm_solver", dict(num_steps=n, sigma_min=None)),
-           ("unipc order 3", "unipc", dict(num_steps=n, order=3)),
+           ("dpm_solver 2M karras", "dpm_solver", dict(num_steps=n, spacing="karras",
+                                                         lower_order_final=True)),
+           ("dpm_solver 2M sigma_min=eps", "dpm_solver", dict(num_steps=n, sigma_min=None,
+                                                                lower_order_final=True)),
+           ("unipc order 3", "unipc", dict(num_steps=n, order=3, lower_order_final=True)),
            ("unipc order 3 lof=off", "unipc", dict(num_steps=n, order=3,
                                                    lower_order_final=False)),
-           ("unipc bh1", "unipc", dict(num_steps=n, variant="bh1")),
-           ("unipc bh1 order 3", "unipc", dict(num_steps=n, variant="bh1", order=3)),
+           ("unipc bh1", "unipc", dict(num_steps=n, variant="bh1", lower_order_final=True)),
+           ("unipc bh1 order 3", "unipc", dict(num_steps=n, variant="bh1", order=3,
+                                               lower_order_final=True)),
            ("unipc lof=off", "unipc", dict(num_steps=n, lower_order_final=False)),
-           ("unipc sigma_min=eps", "unipc", dict(num_steps=n, sigma_min=None)),
+           ("unipc sigma_min=eps", "unipc", dict(num_steps=n, sigma_min=None,
+                                                 lower_order_final=True)),
            ("ipndm order 3 logsnr", "ipndm", dict(num_steps=n, order=3, spacing="logsnr")),
            ("ipndm order 2 logsnr", "ipndm", dict(num_steps=n, order=2, spacing="logsnr")),
            ("ipndm order 3 karras", "ipndm", dict(num_steps=n, order=3, spacing="karras")),
@@ -715,6 +721,11 @@ def race_two(args, ks) -> int:
         Path(args.out).write_text(json.dumps(dict(settings=settings, rows=rows, cells=cells),
                                              indent=None, separators=(",", ":")))
         print(f"\n# wrote {args.out}")
+    if args.race_summary_out:
+        Path(args.race_summary_out).write_text(json.dumps(
+            dict(settings=settings, cells=cells, every_row=race_every_row(rows).splitlines()),
+            indent=1) + "\n")
+        print(f"# wrote {args.race_summary_out}")
     return 0
 
 
@@ -737,6 +748,7 @@ def race_one_seed(args, ks, seed: int):
     print("# settings: " + json.dumps(settings), flush=True)
     rows, only = [], args.race_only
     folder = args.race_schedules or tempfile.mkdtemp(prefix="race_schedules_")
+    Path(folder).mkdir(parents=True, exist_ok=True)
     for dist_name in dist_names:
         if dist_name in RACE_DISTRIBUTIONS:
             dist = RACE_DISTRIBUTIONS[dist_name]()
@@ -1112,6 +1124,9 @@ def parse_args(argv=None):
     p.add_argument("--race-schedules", metavar="DIR",
                    help="--race2: where the schedules fitted on each distribution's moments go "
                    "(default: a temporary folder)")
+    p.add_argument("--race-summary-out", metavar="JSON",
+                   help="--race2: also write the cells and every row's W/T/L, without the "
+                   "per-seed rows (small enough to keep in the repository)")
     p.add_argument("--race-merge", nargs="+", metavar="RACE_JSON",
                    help="--race2: run nothing, merge the rows of earlier --out files (seeds "
                    "run in parallel processes) into one table")

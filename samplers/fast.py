@@ -31,7 +31,8 @@ from .schedules_opt import check_schedule, schedule_fractions
 __all__ = ["timesteps", "ddim_sample", "dpm_solver_sample", "check_ddim_options", "Output",
            "check_dpm_solver_options", "ExponentialStep", "combine", "model_output", "singlestep_2", "singlestep_3",
            "final_denoise", "SPACINGS", "SIGMA_MIN", "check_grid_options",
-           "DPM_ALGORITHMS", "WARMUPS", "LOWER_ORDER_FINAL_BELOW", "LOWER_ORDER_FINAL_FROM"]
+           "DPM_ALGORITHMS", "WARMUPS", "LOWER_ORDER_FINAL_BELOW", "LOWER_ORDER_FINAL_FROM",
+           "final_orders", "check_lower_order_final"]
 
 #: The default end point of the few-step samplers' grids: sigma = std / alpha = 0.02 on every
 #: SDE (``sigma_min``; None ends at t = eps: sigma 0.0105 on VP, 1.1e-4 on sub-VP, 0.0101 on
@@ -46,11 +47,11 @@ SPACINGS = ("logsnr", "uniform", "karras")
 WARMUPS = ("lower_order", "singlestep")
 #: Valid ``algorithm`` names: data prediction (DPM-Solver++) or noise prediction.
 DPM_ALGORITHMS = ("dpmsolver++", "dpmsolver")
-#: ``lower_order_final=True`` lowers the final multistep orders only for runs of fewer steps
-#: than this (the official DPM-Solver / diffusers threshold) ...
+#: ``lower_order_final`` lowers the final multistep orders only for runs of fewer steps than
+#: this (the official DPM-Solver / diffusers threshold; ``lower_order_final=True``) ...
 LOWER_ORDER_FINAL_BELOW = 15
-#: ... and of at least this many: with 4 steps or fewer the warm-up and the lowered end would
-#: leave half the steps first order. Measured (bench/README.md, "Few-step race, round two"):
+#: ... and, by default (``lower_order_final=None``), of at least this many: with 4 steps or
+#: fewer the warm-up and the lowered end would leave half the steps first order. Measured (bench/README.md, "Few-step race, round two"):
 #: at 4 steps (5 NFE) lowering cost DPM-Solver++(2M) and UniPC on the trained digits models
 #: (FID 94 -> 62 and 77 -> 45 on VP without it) and in the worst case on exact scores (FD /
 #: floor 78 -> 20 on the tuning set); at 5-7 steps it helped (worst case 11 / 7.6 / 3.3 against
@@ -247,14 +248,14 @@ def check_ddim_options(sde: SDE, *, num_steps=20, eta=0.0, spacing="logsnr", eps
 def check_dpm_solver_options(sde: SDE, *, num_steps=20, order=2, multistep=True,
                              algorithm="dpmsolver++", spacing="logsnr", eps=1e-3,
                              sigma_min=SIGMA_MIN, schedule=None, denoise=True,
-                             warmup="lower_order", lower_order_final=True) -> None:
+                             warmup="lower_order", lower_order_final=None) -> None:
     """ValueError naming the first bad option of ``dpm_solver_sample``."""
     check_grid_options(sde, num_steps, spacing, eps, denoise, sigma_min, schedule)
     check_int("order", order, 1, 3)
     check_bool("multistep", multistep)
     check_choice("algorithm", algorithm, DPM_ALGORITHMS)
     check_choice("warmup", warmup, WARMUPS)
-    check_bool("lower_order_final", lower_order_final)
+    check_lower_order_final(lower_order_final)
 
 
 def _grid(run: Harness, num_steps: int, spacing: str, eps: float, sigma_min=None,
@@ -335,7 +336,8 @@ def dpm_solver_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 2
                       spacing: str = "logsnr", eps: float = 1e-3,
                       sigma_min: float | None = SIGMA_MIN, schedule: str | None = None,
                       denoise: bool = True, warmup: str = "lower_order",
-                      lower_order_final: bool = True, **harness_options) -> SampleResult:
+                      lower_order_final: bool | None = None,
+                      **harness_options) -> SampleResult:
     """DPM-Solver (noise prediction) / DPM-Solver++ (data prediction), orders 1-3.
 
     Single-step (``multistep=False``): order 2 through lam_s + h/2 (DPM-Solver-2,
@@ -347,10 +349,10 @@ def dpm_solver_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 2
     until enough history exists, which bounds 3M's global order by 2 where the first step
     matters (measured on VE); "singlestep" takes the first step with the single-step
     second-order method (one more evaluation) and keeps third order.
-    ``lower_order_final`` (the official default): from LOWER_ORDER_FINAL_FROM = 5 to below
-    LOWER_ORDER_FINAL_BELOW = 15 steps, multistep step i uses order min(order, num_steps - i),
-    for stability with trained networks at small t (the official code lowers at any count
-    below 15; at 4 steps or fewer it measured worse here, see LOWER_ORDER_FINAL_FROM).
+    ``lower_order_final``: multistep step i uses order min(order, num_steps - i) (for stability
+    with trained networks at small t) for runs of LOWER_ORDER_FINAL_FROM = 5 to fewer than
+    LOWER_ORDER_FINAL_BELOW = 15 steps with None (the default), below 15 steps with True (the
+    official code's rule, which at 4 steps or fewer measured worse here), never with False.
 
     Args:
         order: 1, 2 or 3. multistep: multistep or single-step. algorithm: "dpmsolver++" or
@@ -370,7 +372,7 @@ def dpm_solver_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 2
     with Harness(score_fn, sde, shape, name=name, total=num_steps, **harness_options) as run:
         times, points = _grid(run, num_steps, spacing, eps, sigma_min, schedule)
         if multistep or order == 1:
-            orders = _multistep_orders(num_steps, order, lower_order_final)
+            orders = final_orders(num_steps, order, lower_order_final)
             first_singlestep = order == 3 and warmup == "singlestep"
             x = _multistep_loop(run, times, points, orders, data, first_singlestep)
         else:
@@ -380,11 +382,19 @@ def dpm_solver_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 2
         return run.result(x)
 
 
-def _multistep_orders(num_steps: int, order: int, lower_order_final: bool) -> list[int]:
-    """The order of each multistep step: lower while the history fills, and lower at the end
-    of short runs (``lower_order_final``)."""
+def check_lower_order_final(lower_order_final) -> None:
+    """ValueError naming ``lower_order_final`` unless it is True, False or None."""
+    if lower_order_final is not None:
+        check_bool("lower_order_final", lower_order_final)
+
+
+def final_orders(num_steps: int, order: int, lower_order_final: bool | None) -> list[int]:
+    """The order of each multistep step (DPM-Solver multistep, UniPC): min(order, i + 1)
+    while the history fills and, for short runs (``lower_order_final``, see
+    ``dpm_solver_sample``), at most num_steps - i at the end."""
     orders = [min(order, i + 1) for i in range(num_steps)]
-    if lower_order_final and LOWER_ORDER_FINAL_FROM <= num_steps < LOWER_ORDER_FINAL_BELOW:
+    shortest = 1 if lower_order_final else LOWER_ORDER_FINAL_FROM
+    if lower_order_final is not False and shortest <= num_steps < LOWER_ORDER_FINAL_BELOW:
         orders = [min(k, num_steps - i) for i, k in enumerate(orders)]
     return orders
 

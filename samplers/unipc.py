@@ -27,10 +27,10 @@ h^3) and measures third order where the first step matters (tests/test_unipc.py)
 It is not applied after the last step (that evaluation would be used by nothing), so the
 NFE is num_steps (+ 1 for the final Tweedie step with ``denoise``, at the grid's end t_end:
 where sigma = sigma_min, 0.02 by default, or eps with sigma_min=None), as for multistep
-DPM-Solver. Orders warm up as p_i = min(order, i + 1) and, with ``lower_order_final``, as in
-``fast.dpm_solver_sample``, fall to min(order, num_steps - i) for runs of
-``fast.LOWER_ORDER_FINAL_FROM`` = 5 to fewer than ``fast.LOWER_ORDER_FINAL_BELOW`` = 15 steps
-(the authors' code lowers them at any step count; at 4 steps it measured worse here).
+DPM-Solver. Orders warm up as p_i = min(order, i + 1) and, with ``lower_order_final`` as in
+``fast.dpm_solver_sample`` (``fast.final_orders``), fall to min(order, num_steps - i) at the
+end of runs of 5 to 14 steps by default (None), of fewer than 15 with True (the authors'
+code lowers them at any step count; at 4 steps it measured worse here), never with False.
 
 Every coefficient is a host float computed before the loop (the small solves included); each
 update is one ``fast.combine`` of the state and the model outputs, and nothing synchronises.
@@ -44,8 +44,8 @@ import torch
 
 from sde_lib import SCHEDULE_DTYPE, SDE, check_bool, check_choice, check_int
 
-from .fast import (LOWER_ORDER_FINAL_BELOW, LOWER_ORDER_FINAL_FROM, SIGMA_MIN,
-                   check_grid_options, combine, final_denoise, model_output, timesteps)
+from .fast import (SIGMA_MIN, check_grid_options, check_lower_order_final, combine,
+                   final_denoise, final_orders, model_output, timesteps)
 from .harness import Harness, SampleResult, SchedulePoint
 
 __all__ = ["unipc_sample", "check_unipc_options", "unipc_coefficients", "UNIPC_VARIANTS",
@@ -61,14 +61,14 @@ UNIPC_ALGORITHMS = ("data_prediction", "noise_prediction")
 def check_unipc_options(sde: SDE, *, num_steps=20, order=2, variant="bh2", use_corrector=True,
                         algorithm="data_prediction", spacing="logsnr", eps=1e-3,
                         sigma_min=SIGMA_MIN, schedule=None, denoise=True,
-                        lower_order_final=True) -> None:
+                        lower_order_final=None) -> None:
     """ValueError naming the first bad option of ``unipc_sample``."""
     check_grid_options(sde, num_steps, spacing, eps, denoise, sigma_min, schedule)
     check_int("order", order, 1, 3)
     check_choice("variant", variant, UNIPC_VARIANTS)
     check_bool("use_corrector", use_corrector)
     check_choice("algorithm", algorithm, UNIPC_ALGORITHMS)
-    check_bool("lower_order_final", lower_order_final)
+    check_lower_order_final(lower_order_final)
 
 
 def _weights(rks: list[float], hh: float, b_h: float) -> tuple[list[float], list[float]]:
@@ -120,21 +120,11 @@ def unipc_coefficients(s: SchedulePoint, t: SchedulePoint, earlier: list[Schedul
     return expand(a), expand(a_c[:-1], a_c[-1])
 
 
-def _orders(num_steps: int, order: int, lower_order_final: bool) -> list[int]:
-    """p_i = min(order, i + 1) while the history fills; with ``lower_order_final`` and
-    LOWER_ORDER_FINAL_FROM to fewer than LOWER_ORDER_FINAL_BELOW steps, also <= num_steps - i
-    (as fast.dpm_solver_sample)."""
-    orders = [min(order, i + 1) for i in range(num_steps)]
-    if lower_order_final and LOWER_ORDER_FINAL_FROM <= num_steps < LOWER_ORDER_FINAL_BELOW:
-        orders = [min(k, num_steps - i) for i, k in enumerate(orders)]
-    return orders
-
-
 def unipc_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, order: int = 2,
                  variant: str = "bh2", use_corrector: bool = True,
                  algorithm: str = "data_prediction", spacing: str = "logsnr", eps: float = 1e-3,
                  sigma_min: float | None = SIGMA_MIN, schedule: str | None = None,
-                 denoise: bool = True, lower_order_final: bool = True,
+                 denoise: bool = True, lower_order_final: bool | None = None,
                  **harness_options) -> SampleResult:
     """Multistep UniPC (Zhao et al. 2023): UniP-p (Alg. 2) with the UniC-p corrector (Alg. 1)
     after every step but the last; see the module docstring for the updates.
@@ -167,7 +157,7 @@ def unipc_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, or
     with Harness(score_fn, sde, shape, name=name, total=num_steps, **harness_options) as run:
         times, points = run.points(timesteps(sde, num_steps, spacing=spacing, eps=eps,
                                              sigma_min=sigma_min, schedule=schedule))
-        orders = _orders(num_steps, order, lower_order_final)
+        orders = final_orders(num_steps, order, lower_order_final)
         steps = [unipc_coefficients(points[i], points[i + 1], points[i - k + 1:i][::-1], data,
                                     variant) for i, k in enumerate(orders)]
         x, history, m_t = run.x, [], None          # history: outputs at t_i, t_{i-1}, ...

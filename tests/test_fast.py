@@ -239,9 +239,10 @@ def test_fd_at_10_and_20_steps(gaussian, sde_name, case):
 @pytest.mark.parametrize("algorithm", DPM_ALGORITHMS)
 @pytest.mark.parametrize("sde_name", SDES)
 def test_lower_order_final(sde_name, algorithm):
-    """lower_order_final (default on): with 5 <= num_steps < 15 the last multistep step is the
-    first-order update from the previous state and the model output there, the one before at
-    most second order; with >= 15 or <= 4 steps, or single-step methods, nothing changes."""
+    """lower_order_final (default None): with 5 <= num_steps < 15 the last multistep step is
+    the first-order update from the previous state and the model output there, the one before
+    at most second order; with >= 15 or <= 4 steps, or single-step methods, nothing changes.
+    True (the official rule) lowers below 15 steps at any count; False never."""
     sde = SDES[sde_name]()
     x_T = sde.prior_sampling((8, 4), generator=torch.Generator().manual_seed(4), dtype=F64)
     score = flow_problem_score(sde)
@@ -275,6 +276,14 @@ def test_lower_order_final(sde_name, algorithm):
         atol=1e-10)
     # 5 steps of order 3: lowered (orders 1, 2, 3, 2, 1 against 1, 2, 3, 3, 3)
     assert (run(5, order=3)[0] - run(5, order=3, lower_order_final=False)[0]).abs().max() > 1e-6
+    # True: the official rule, also at 4 steps (orders 1, 2, 2, 1); from 5 steps as the default
+    official, default = run(4, order=2, lower_order_final=True)[0], run(4, order=2)[0]
+    assert (official - default).abs().max() > 1e-6
+    torch.testing.assert_close(run(6, order=2, lower_order_final=True)[0], on, rtol=0, atol=0)
+    assert samplers.fast.final_orders(4, 2, True) == [1, 2, 2, 1]
+    assert samplers.fast.final_orders(4, 3, None) == [1, 2, 3, 3]
+    assert samplers.fast.final_orders(6, 3, None) == [1, 2, 3, 3, 2, 1]
+    assert samplers.fast.final_orders(6, 3, False) == [1, 2, 3, 3, 3, 3]
     # >= 15 steps, <= 4 steps (fast.LOWER_ORDER_FINAL_FROM) and single-step: no change
     for kw in (dict(num_steps=15, order=3), dict(num_steps=4, order=2),
                dict(num_steps=4, order=3), dict(num_steps=6, order=3, multistep=False)):

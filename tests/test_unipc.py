@@ -162,8 +162,9 @@ def test_corrector_output_is_reused_and_the_last_step_is_not_corrected(sde_name)
 
 
 def test_lower_order_final():
-    """From 5 to below 15 steps the final orders fall (as dpm_solver); from 15 steps, or at 4
-    or fewer, nothing changes."""
+    """By default (None) the final orders fall from 5 to below 15 steps (as dpm_solver);
+    from 15 steps, or at 4 or fewer, nothing changes; True (the authors' rule) lowers them
+    at 4 steps too."""
     sde = SDES["vp"]()
     x_T, score = _x_T(sde), flow_problem_score(sde)
 
@@ -172,6 +173,8 @@ def test_lower_order_final():
     assert (run(8) - run(8, lower_order_final=False)).abs().max() > 1e-6
     torch.testing.assert_close(run(15), run(15, lower_order_final=False), rtol=0, atol=0)
     torch.testing.assert_close(run(4), run(4, lower_order_final=False), rtol=0, atol=0)
+    torch.testing.assert_close(run(8), run(8, lower_order_final=True), rtol=0, atol=0)
+    assert (run(4, lower_order_final=True) - run(4)).abs().max() > 1e-6
 
 
 # ----- distributions --------------------------------------------------------------------------
@@ -248,7 +251,7 @@ def test_nfe_is_num_steps_plus_the_denoising_step():
 @pytest.mark.parametrize("option, value", [
     ("num_steps", 0), ("num_steps", 2.5), ("order", 0), ("order", 4), ("variant", "bh3"),
     ("use_corrector", 1), ("algorithm", "dpmsolver++"), ("spacing", "cosine"), ("eps", 0.0),
-    ("eps", 1.0), ("denoise", "yes"), ("lower_order_final", None)])
+    ("eps", 1.0), ("denoise", "yes"), ("lower_order_final", "yes")])
 def test_bad_options_name_the_option(option, value):
     sde = sde_lib.VPSDE()
     calls = []
@@ -264,5 +267,5 @@ def test_registered_and_exported():
     assert samplers.SAMPLERS["unipc"].defaults == dict(
         num_steps=20, order=2, variant="bh2", use_corrector=True, algorithm="data_prediction",
         spacing="logsnr", eps=1e-3, sigma_min=0.02, schedule=None, denoise=True,
-        lower_order_final=True)
+        lower_order_final=None)
     assert "unipc_sample" in samplers.__all__ and samplers.unipc_sample is unipc_sample
