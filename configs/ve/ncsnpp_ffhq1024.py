@@ -12,22 +12,15 @@ no dropout, EMA 0.9999; batch 8, 2.4M steps, Adam lr 2e-4, warm-up 5000, clippin
 step. 105,785,896 parameters (the official model's count, 16 of them the fixed Fourier
 features).
 """
-from configs.default_lsun import get_default_configs, ncsnpp_highres_model
+from configs.highres import ncsnpp_continuous
 
 
 def get_config():
-    config = get_default_configs("ffhq", image_size=1024)
+    config = ncsnpp_continuous("ffhq", image_size=1024, sigma_max=1348.0, nf=16,
+                               ch_mult=(1, 2, 4, 8, 16, 32, 32, 32), num_res_blocks=1,
+                               ema_rate=0.9999)
     config.data.data_dir = "data/ffhq1024"
-    config.sde.name = "vesde"
-    config.sde.sigma_max = 1348.0
-    config.sde.num_scales = 2000
-    config.training.continuous = True
     config.training.reduce_mean = True
     config.training.batch_size = 8
-    config.sampling.method = "pc"
-    config.sampling.pc.predictor = "reverse_diffusion"
-    config.sampling.pc.corrector = "langevin"
     config.sampling.pc.snr = 0.15
-    ncsnpp_highres_model(config.model, nf=16, ch_mult=(1, 2, 4, 8, 16, 32, 32, 32),
-                         num_res_blocks=1, ema_rate=0.9999)
     return config

@@ -10,17 +10,8 @@ progressive growing, Fourier embedding (scale 16), output divided by sigma, no d
 flips; PC sampling: reverse diffusion + Langevin, snr 0.075, one corrector step. 65,574,549
 parameters (the official model's count, 128 of them the fixed Fourier features).
 """
-from configs.default_lsun import get_default_configs, ncsnpp_highres_model
+from configs.highres import ncsnpp_256
 
 
 def get_config():
-    config = get_default_configs("ffhq")
-    config.sde.name = "vesde"
-    config.sde.sigma_max = 348.0
-    config.training.continuous = True
-    config.sampling.method = "pc"
-    config.sampling.pc.predictor = "reverse_diffusion"
-    config.sampling.pc.corrector = "langevin"
-    ncsnpp_highres_model(config.model, nf=128, ch_mult=(1, 1, 2, 2, 2, 2, 2), num_res_blocks=2,
-                         ema_rate=0.999)
-    return config
+    return ncsnpp_256("ffhq", sigma_max=348.0)

@@ -12,25 +12,10 @@ Score SDE's configs/ve/ncsnv2/bedroom.py has the same SDE and network but EMA 0.
 2.4M steps and its ALD corrector at snr 0.095.
 """
 from configs.default_lsun import get_default_configs
-from configs.ve.ncsn_cifar import ncsn_model
+from configs.highres import ncsnv2
 
 
 def get_config():
-    config = get_default_configs("bedroom", image_size=128)
-    config.sde.name = "vesde"
-    config.sde.sigma_min = 0.01
-    config.sde.sigma_max = 190.0
-    config.sde.num_scales = 1086
-    config.training.continuous = False
-    config.training.n_iters = 150_001
-    config.training.batch_size = 128
-    config.sampling.method = "ald"
-    config.sampling.ald.n_steps_each = 3
-    config.sampling.ald.step_lr = 1.8e-6
-    config.sampling.ald.denoise = True
-    ncsn_model(config.model, name="ncsnv2_128", scale_by_sigma=True, ema_rate=0.999)
-    config.model.dropout = 0.0
-    config.optim.lr = 1e-4
-    config.optim.warmup = 0
-    config.optim.grad_clip = float("inf")   # no clipping (the official -1)
-    return config
+    return ncsnv2(get_default_configs("bedroom", image_size=128), name="ncsnv2_128",
+                  sigma_max=190.0, num_scales=1086, n_iters=150_001, batch_size=128,
+                  n_steps_each=3, step_lr=1.8e-6)

@@ -13,25 +13,9 @@ configs/ve/ncsnv2/celeba.py has the same SDE, network and optimizer, but trains 
 and samples with its ALD corrector at snr 0.128.
 """
 from configs.default_celeba import get_default_configs
-from configs.ve.ncsn_cifar import ncsn_model
+from configs.highres import ncsnv2
 
 
 def get_config():
-    config = get_default_configs()
-    config.sde.name = "vesde"
-    config.sde.sigma_min = 0.01
-    config.sde.sigma_max = 90.0
-    config.sde.num_scales = 500
-    config.training.continuous = False
-    config.training.n_iters = 210_001
-    config.training.batch_size = 128
-    config.sampling.method = "ald"
-    config.sampling.ald.n_steps_each = 5
-    config.sampling.ald.step_lr = 3.3e-6
-    config.sampling.ald.denoise = True
-    ncsn_model(config.model, name="ncsnv2_64", scale_by_sigma=True, ema_rate=0.999)
-    config.model.dropout = 0.0
-    config.optim.lr = 1e-4
-    config.optim.warmup = 0
-    config.optim.grad_clip = float("inf")   # no clipping (the official -1)
-    return config
+    return ncsnv2(get_default_configs(), name="ncsnv2_64", sigma_max=90.0, num_scales=500,
+                  n_iters=210_001, batch_size=128, n_steps_each=5, step_lr=3.3e-6)

@@ -17,25 +17,10 @@ factor of every other NCSNv2 config (CelebA: 500 = 1.06 x 472); at 64 px it woul
 495 = 524.
 """
 from configs.default_lsun import get_default_configs
-from configs.ve.ncsn_cifar import ncsn_model
+from configs.highres import ncsnv2
 
 
 def get_config():
-    config = get_default_configs("church", image_size=96)
-    config.sde.name = "vesde"
-    config.sde.sigma_min = 0.01
-    config.sde.sigma_max = 140.0
-    config.sde.num_scales = 788
-    config.training.continuous = False
-    config.training.n_iters = 200_001
-    config.training.batch_size = 128
-    config.sampling.method = "ald"
-    config.sampling.ald.n_steps_each = 4
-    config.sampling.ald.step_lr = 4.9e-6
-    config.sampling.ald.denoise = True
-    ncsn_model(config.model, name="ncsnv2_128", scale_by_sigma=True, ema_rate=0.999)
-    config.model.dropout = 0.0
-    config.optim.lr = 1e-4
-    config.optim.warmup = 0
-    config.optim.grad_clip = float("inf")   # no clipping (the official -1)
-    return config
+    return ncsnv2(get_default_configs("church", image_size=96), name="ncsnv2_128",
+                  sigma_max=140.0, num_scales=788, n_iters=200_001, batch_size=128,
+                  n_steps_each=4, step_lr=4.9e-6)

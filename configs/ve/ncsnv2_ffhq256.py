@@ -10,26 +10,12 @@ size 9e-7 and the final denoising step. 94,132,611 parameters (the official mode
 Adam's eps is 1e-3 (not 1e-8) as in ffhq.yml.
 """
 from configs.default_lsun import get_default_configs
-from configs.ve.ncsn_cifar import ncsn_model
+from configs.highres import ncsnv2
 
 
 def get_config():
-    config = get_default_configs("ffhq", image_size=256)
-    config.sde.name = "vesde"
-    config.sde.sigma_min = 0.01
-    config.sde.sigma_max = 348.0
-    config.sde.num_scales = 2311
-    config.training.continuous = False
-    config.training.n_iters = 80_001
-    config.training.batch_size = 32
-    config.sampling.method = "ald"
-    config.sampling.ald.n_steps_each = 3
-    config.sampling.ald.step_lr = 9e-7
-    config.sampling.ald.denoise = True
-    ncsn_model(config.model, name="ncsnv2_256", scale_by_sigma=True, ema_rate=0.999)
-    config.model.dropout = 0.0
-    config.optim.lr = 1e-4
-    config.optim.warmup = 0
-    config.optim.grad_clip = float("inf")   # no clipping (the official -1)
-    config.optim.eps = 1e-3
+    config = ncsnv2(get_default_configs("ffhq", image_size=256), name="ncsnv2_256",
+                    sigma_max=348.0, num_scales=2311, n_iters=80_001, batch_size=32,
+                    n_steps_each=3, step_lr=9e-7)
+    config.optim.eps = 1e-3     # ffhq.yml
     return config

@@ -9,29 +9,8 @@ dropout, EMA 0.9999; batch 64, 2.4M steps, Adam lr 2e-5, warm-up 5000, clipping 
 [-1, 1] (centered), random flips; ancestral sampling (DDPM Alg. 2), no corrector.
 111,569,923 parameters (the official PyTorch model's count; the DDPM paper: 114M).
 """
-from configs.default_lsun import get_default_configs
+from configs.highres import ddpm_256
 
 
 def get_config():
-    config = get_default_configs("bedroom")
-    config.sde.name = "vpsde"
-    config.sde.num_scales = 1000
-    config.data.centered = True
-    config.training.continuous = False
-    config.training.reduce_mean = True
-    config.optim.lr = 2e-5
-    config.sampling.method = "pc"
-    config.sampling.pc.predictor = "ancestral_sampling"
-    config.sampling.pc.corrector = "none"
-    model = config.model
-    model.name = "ddpm"
-    model.scale_by_sigma = False
-    model.ema_rate = 0.9999
-    model.dropout = 0.0
-    model.nf = 128
-    model.ch_mult = (1, 1, 2, 2, 4, 4)
-    model.num_res_blocks = 2
-    model.attn_resolutions = (16,)
-    model.resamp_with_conv = True
-    model.conditional = True
-    return config
+    return ddpm_256("bedroom")

@@ -5,6 +5,21 @@ code), dropout 0.1, EMA 0.9999, noise-prediction loss (reduce_mean), ancestral s
 from configs.default_cifar10 import get_default_configs
 
 
+def ddpm_model(model, *, ch_mult) -> None:
+    """The DDPM U-Net (Ho et al. 2020) with the Score SDE key names: nf 128, ``ch_mult``,
+    num_res_blocks 2, attention at 16, convolutional resampling, EMA 0.9999, output not
+    divided by sigma."""
+    model.name = "ddpm"
+    model.scale_by_sigma = False
+    model.ema_rate = 0.9999
+    model.nf = 128
+    model.ch_mult = tuple(ch_mult)
+    model.num_res_blocks = 2
+    model.attn_resolutions = (16,)
+    model.resamp_with_conv = True
+    model.conditional = True
+
+
 def get_config():
     config = get_default_configs()
     config.sde.name = "vpsde"
@@ -14,14 +29,5 @@ def get_config():
     config.sampling.method = "pc"
     config.sampling.pc.predictor = "ancestral_sampling"
     config.sampling.pc.corrector = "none"
-    model = config.model
-    model.name = "ddpm"
-    model.scale_by_sigma = False
-    model.ema_rate = 0.9999
-    model.nf = 128
-    model.ch_mult = (1, 2, 2, 2)
-    model.num_res_blocks = 2
-    model.attn_resolutions = (16,)
-    model.resamp_with_conv = True
-    model.conditional = True
+    ddpm_model(config.model, ch_mult=(1, 2, 2, 2))
     return config
