@@ -32,7 +32,7 @@ __all__ = ["timesteps", "ddim_sample", "dpm_solver_sample", "check_ddim_options"
            "check_dpm_solver_options", "ExponentialStep", "combine", "model_output", "singlestep_2", "singlestep_3",
            "final_denoise", "SPACINGS", "SIGMA_MIN", "check_grid_options",
            "DPM_ALGORITHMS", "WARMUPS", "LOWER_ORDER_FINAL_BELOW", "LOWER_ORDER_FINAL_FROM",
-           "final_orders", "check_lower_order_final", "ddim_spacing"]
+           "final_orders", "check_lower_order_final"]
 
 #: The default end point of the few-step samplers' grids: sigma = std / alpha = 0.02 on every
 #: SDE (``sigma_min``; None ends at t = eps: sigma 0.0105 on VP, 1.1e-4 on sub-VP, 0.0101 on
@@ -238,22 +238,9 @@ def check_grid_options(sde: SDE, num_steps, spacing, eps, denoise, sigma_min=Non
     check_bool("denoise", denoise)
 
 
-def ddim_spacing(sde: SDE) -> str:
-    """DDIM's step spacing when none is given: "uniform" (in t) on the cosine schedule, whose
-    log-SNR at T (-17.4 at N = 1000) is far below where anything happens, so that log-SNR steps
-    spend about 40 % of a first-order sampler's budget below lambda = -7, on pure noise
-    (measured on a 16-D Gaussian
-    / the eight-mode ring, FD / floor at 10 NFE 21.8 / 14.6 against 6.0 / 1.5 with uniform
-    steps, and digits FID 12.0 at 50 steps against 4.6 for the respaced chain); "logsnr"
-    otherwise."""
-    from sde_lib import CosineVPSDE
-    return "uniform" if isinstance(sde, CosineVPSDE) else "logsnr"
-
-
-def check_ddim_options(sde: SDE, *, num_steps=20, eta=0.0, spacing=None, eps=1e-3,
+def check_ddim_options(sde: SDE, *, num_steps=20, eta=0.0, spacing="logsnr", eps=1e-3,
                        sigma_min=SIGMA_MIN, schedule=None, denoise=True) -> None:
     """ValueError naming the first bad option of ``ddim_sample``."""
-    spacing = ddim_spacing(sde) if spacing is None else spacing
     check_grid_options(sde, num_steps, spacing, eps, denoise, sigma_min, schedule)
     check_real("eta", eta)
 
@@ -289,7 +276,7 @@ def final_denoise(run: Harness, x: torch.Tensor, eps: float, step: int) -> torch
 
 # ----- DDIM ---------------------------------------------------------------------------------
 def ddim_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, eta: float = 0.0,
-                spacing: str | None = None, eps: float = 1e-3,
+                spacing: str = "logsnr", eps: float = 1e-3,
                 sigma_min: float | None = SIGMA_MIN, schedule: str | None = None,
                 denoise: bool = True, **harness_options) -> SampleResult:
     """DDIM (Song, Meng & Ermon 2021, eq. 12) for any kernel x_t = alpha_t x_0 + std_t z.
@@ -306,8 +293,7 @@ def ddim_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, eta
         score_fn: ``score_fn(x, t)``, t a (B,) float64 tensor in [eps, T].
         sde, shape: the forward SDE; (B, *data_shape).
         num_steps: steps from T to eps (one score evaluation each).
-        eta: stochasticity, >= 0. spacing: "logsnr", "uniform" or "karras" (``timesteps``);
-            None: ``ddim_spacing(sde)`` (uniform on the cosine schedule, else log-SNR).
+        eta: stochasticity, >= 0. spacing: "logsnr", "uniform" or "karras" (``timesteps``).
         eps: the last time, unless sigma_min is set.
         sigma_min: end the grid at the time t_end where sigma = std / alpha = sigma_min
             (default ``SIGMA_MIN`` = 0.02, the same noise level on every SDE); None: at
@@ -322,7 +308,6 @@ def ddim_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, eta
     check_ddim_options(sde, num_steps=num_steps, eta=eta, spacing=spacing, eps=eps,
                        sigma_min=sigma_min, schedule=schedule, denoise=denoise)
     with Harness(score_fn, sde, shape, name="ddim", total=num_steps, **harness_options) as run:
-        spacing = ddim_spacing(sde) if spacing is None else spacing
         times, points = _grid(run, num_steps, spacing, eps, sigma_min, schedule)
         x = run.x
         for i in range(num_steps):
