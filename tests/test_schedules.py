@@ -267,7 +267,10 @@ def test_ode_likelihood_matches_the_true_log_density(make_sde, data):
 # ----- d. every sampler on the exact score ---------------------------------------------------
 #: FD to a true sample set / the floor of two true sets (n = 2000, 16-D spread Gaussian,
 #: stds 0.05-1.0, as in tests/test_sampler_contract.py), registry defaults, N = 100 levels.
-#: Measured (cosine / log-SNR): pc 0.86 / 1.10, ode 1.21 / 1.20, ddim 4.36 / 4.47,
+#: Measured (cosine / log-SNR): pc 0.86 / 1.10, ode 1.21 / 1.20, ddim 3.68 / 2.89 (log-SNR
+#: steps to sigma_min = 0.02; uniform-in-t steps give 1.90 on the cosine schedule with the exact
+#: score, but on a trained cosine digits model DDIM-50's FID went 11.3 -> 158: the first
+#: uniform step from alpha(T) = 1.7e-4 to 0.031 multiplies the network's noise error by ~190),
 #: dpm_solver 1.56 / 1.56, edm 5.56 / 3.40, dpm_adaptive 1.08 / 1.07. EDM's 18 Karras levels
 #: start at sigma(T) = exp(-lambda(T) / 2): 602 for the cosine schedule at N = 100 (6024 at
 #: N = 1000, where the ratio is 21 and falls to 1.4 at 72 steps), against 148 for the log-SNR
@@ -275,7 +278,7 @@ def test_ode_likelihood_matches_the_true_log_density(make_sde, data):
 #: update gives ~100x the floor. Bounds: ~1.5x the measured ratio.
 #: unipc 1.45 / 1.44, ipndm 1.35 / 1.30, respaced (50 of the 100 levels, beta~) 2.17 / 4.51:
 #: the log-SNR chain's beta~ is far below the optimal variance in its first levels.
-BOUNDS = {"pc": 1.7, "ode": 1.8, "ddim": 7.0, "dpm_solver": 2.4, "edm": {"cosine_vpsde": 8.5,
+BOUNDS = {"pc": 1.7, "ode": 1.8, "ddim": 5.5, "dpm_solver": 2.4, "edm": {"cosine_vpsde": 8.5,
           "logsnr_vpsde": 5.5}, "dpm_adaptive": 1.6, "unipc": 2.2, "ipndm": 2.3,
           "respaced": {"cosine_vpsde": 3.3, "logsnr_vpsde": 6.8}}
 
@@ -341,13 +344,13 @@ def test_every_pc_predictor(gaussian16, make_sde, predictor):
 @pytest.mark.parametrize("sde_name, name", list(_sampler_cases()))
 def test_every_sampler_at_n_1000(gaussian16, sde_name, name):
     """The same at the default N = 1000 (pc: 1000 levels, ~7 s). Measured (cosine / log-SNR):
-    pc 0.79 / 0.72, ode 1.21 / 1.20, ddim 6.0 / 4.5, dpm_solver 1.72 / 1.56, edm 21.2 / 3.4,
+    pc 0.79 / 0.72, ode 1.21 / 1.20, ddim 5.22 / 2.89, dpm_solver 1.72 / 1.56, edm 21.2 / 3.4,
     dpm_adaptive 1.08 / 1.07, unipc 1.63 / 1.44, ipndm 1.40 / 1.30, respaced 1.58 / 3.40."""
     dist, reference, floor = gaussian16
     sde = SCHEDULES[sde_name]()
     result = samplers.SAMPLERS[name](dist.score_fn(sde), sde, (2000, 16), dtype=F64,
                                      generator=torch.Generator().manual_seed(3))
-    bounds = {**BOUNDS, "ddim": 9.0, "edm": {"cosine_vpsde": 32.0, "logsnr_vpsde": 5.5}}
+    bounds = {**BOUNDS, "ddim": 7.8, "edm": {"cosine_vpsde": 32.0, "logsnr_vpsde": 5.5}}
     assert frechet_distance(result.x, reference) / floor < _bound(bounds, name, sde_name)
 
 
