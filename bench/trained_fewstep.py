@@ -1,14 +1,19 @@
 """Few-step samplers on trained digits models: the digits FID of DPM-Solver++ 2M as it was
-before round two (grid ending at t = eps = 1e-3) against the new defaults (every grid ending
-at sigma_min = 0.02: dpm_solver, unipc, ipndm) at 10 and 20 NFE (final denoising step
-included), on the demo's VP and VE models and a sub-VP model trained the same way.
+before round two (grid ending at t = eps = 1e-3, final orders lowered below 15 steps) against
+today's registry defaults (dpm_solver, unipc, ipndm; grids ending at sigma_min = 0.02) and
+variants (lower_order_final off, ipndm orders and grids, schedules fitted on the digits' mean
+and covariance) at 5, 10 and 20 NFE (final denoising step included), on the demo's VP and VE
+models and a sub-VP model trained the same way (trained here when missing).
 
-    python main.py --mode demo --workdir runs/demo_cur       # the vp and ve models
-    OMP_NUM_THREADS=1 python bench/trained_fewstep.py --demo runs/demo_cur --root runs/fewstep
+    python main.py --mode demo --workdir runs/demo_cur       # the vp and ve models (optional)
+    OMP_NUM_THREADS=1 python bench/trained_fewstep.py --demo runs/demo_cur --root runs/fewstep \
+        --seeds 0,1,2
 
-Each cell draws --num-samples samples (default 1000) with --mode eval's seeded chunks and
-reports FID / IS against the 1500 training digits in the digits classifier's features
-(N = 1000 is biased upward: compare within the table only). Results: <root>/results.json.
+Each cell draws --num-samples samples (default 1000) with --mode eval's seeded chunks for each
+config.seed of --seeds and reports FID / IS against the 1500 training digits in the digits
+classifier's features (N = 1000 is biased upward: compare within the table only; the seeds
+are shared by the columns, so differences are paired). Results: <root>/results.json, cached
+per (run, column, seed); the table prints the mean over the seeds.
 """
 from __future__ import annotations
 
