@@ -640,7 +640,26 @@ def race_our_cases(budget: int, fitted=None):
         for solver in ("ipndm", "dpm_solver"):
             out.append((f"{solver} fitted on the moments", solver,
                         dict(num_steps=n, schedule=fitted(solver, n))))
+        for solver in ("dpm_solver", "unipc"):    # one step from sigma(T) to 5, then log-SNR
+            out.append((f"{solver} jump to 5", solver,
+                        dict(num_steps=n, schedule=fitted("jump5", n))))
     return out
+
+
+def race_jump_schedule(sde, num_steps: int, sigma_jump: float, path: Path) -> str:
+    """A schedule file whose first step goes from sigma(T) straight to ``sigma_jump`` (when
+    below sigma(T)), then log-uniform in sigma to SIGMA_MIN: for data-prediction solvers the
+    first step is exact while the data prediction stays at the data mean."""
+    from samplers.harness import Schedule
+    from samplers.schedules_opt import save_schedule
+    top = float(Schedule(sde).at(torch.tensor(float(sde.T), dtype=F64)).sigma)
+    hi, lo = min(sigma_jump, top / 2), samplers.fast.SIGMA_MIN
+    levels = ([top] + [math.exp(math.log(hi) + k / (num_steps - 1) * math.log(lo / hi))
+                       for k in range(num_steps)] if num_steps > 1 else [top, lo])
+    save_schedule(path, solver="any", solver_options={}, sde=repr(sde), proxy={},
+                  method={"jump_to": hi}, entries={num_steps: {"sigmas": levels,
+                                                               "nfe": num_steps + 1}})
+    return str(path)
 
 
 #: Fitted schedules of the race, shared by its seeds: (dist, SDE, solver, steps) -> path.
@@ -658,6 +677,8 @@ def race_moment_schedules(dist_name: str, dist, sde_name: str, sde, folder: Path
 
     def fitted(solver: str, num_steps: int) -> str:
         key = (dist_name, sde_name, solver, num_steps)
+        if key not in RACE_FITTED and solver == "jump5":
+            RACE_FITTED[key] = race_jump_schedule(sde, num_steps, 5.0, folder / f"{'_'.join(map(str, key))}.json")
         if key not in RACE_FITTED:
             fit = fit_schedule(proxy, sde, solver, num_steps, sigma_min=samplers.fast.SIGMA_MIN)
             path = folder / f"{'_'.join(map(str, key))}.json"
