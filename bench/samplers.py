@@ -598,7 +598,7 @@ RACE_SDES = {"VP": lambda: sde_lib.VPSDE(), "subVP": lambda: sde_lib.subVPSDE(),
 RACE_K_SIGMA_MIN = 0.02
 
 
-def race_our_cases(budget: int, fitted=None):
+def race_our_cases(budget: int, fitted=None, jump=None):
     """(label, sampler name, options): ours at ``budget`` NFE, the final Tweedie step counted
     (num_steps = budget - 1; EDM: (budget + 1) // 2 levels). The rows labelled "(default)"
     (RACE_DEFAULTS) are what a user gets from ``--sampler dpm_solver`` / ``unipc`` / ``ipndm``
@@ -640,10 +640,21 @@ def race_our_cases(budget: int, fitted=None):
         for solver in ("ipndm", "dpm_solver"):
             out.append((f"{solver} fitted on the moments", solver,
                         dict(num_steps=n, schedule=fitted(solver, n))))
-        for solver in ("dpm_solver", "unipc"):    # one step from sigma(T) to 5, then log-SNR
-            out.append((f"{solver} jump to 5", solver,
-                        dict(num_steps=n, schedule=fitted("jump5", n))))
+    if jump is not None:        # one step from sigma(T) to 5, then log-SNR
+        for solver in ("dpm_solver", "unipc"):
+            out.append((f"{solver} jump to 5", solver, dict(num_steps=n, schedule=jump(n))))
     return out
+
+
+def race_jump_schedules(sde_name: str, sde, folder: Path, sigma_jump: float = 5.0):
+    """jump(num_steps) -> the path of ``race_jump_schedule`` for ``sde`` (written once)."""
+    def jump(num_steps: int) -> str:
+        key = ("jump", sde_name, sigma_jump, num_steps)
+        if key not in RACE_FITTED:
+            path = folder / f"{'_'.join(map(str, key))}.json"
+            RACE_FITTED[key] = race_jump_schedule(sde, num_steps, sigma_jump, path)
+        return RACE_FITTED[key]
+    return jump
 
 
 def race_jump_schedule(sde, num_steps: int, sigma_jump: float, path: Path) -> str:
@@ -662,7 +673,8 @@ def race_jump_schedule(sde, num_steps: int, sigma_jump: float, path: Path) -> st
     return str(path)
 
 
-#: Fitted schedules of the race, shared by its seeds: (dist, SDE, solver, steps) -> path.
+#: Schedules of the race, shared by its seeds: (dist, SDE, solver, steps) or ("jump", SDE,
+#: sigma, steps) -> path.
 RACE_FITTED: dict = {}
 
 
@@ -677,8 +689,6 @@ def race_moment_schedules(dist_name: str, dist, sde_name: str, sde, folder: Path
 
     def fitted(solver: str, num_steps: int) -> str:
         key = (dist_name, sde_name, solver, num_steps)
-        if key not in RACE_FITTED and solver == "jump5":
-            RACE_FITTED[key] = race_jump_schedule(sde, num_steps, 5.0, folder / f"{'_'.join(map(str, key))}.json")
         if key not in RACE_FITTED:
             fit = fit_schedule(proxy, sde, solver, num_steps, sigma_min=samplers.fast.SIGMA_MIN)
             path = folder / f"{'_'.join(map(str, key))}.json"
@@ -788,6 +798,7 @@ def race_one_seed(args, ks, seed: int):
             sde = RACE_SDES[sde_name]()
             score_fn = dist.score_fn(sde)
             fitted = race_moment_schedules(dist_name, dist, sde_name, sde, Path(folder))
+            jump = race_jump_schedules(sde_name, sde, Path(folder))
             for budget in budgets:
                 def add(family, label, x, nfe, error=None):
                     fd = None if x is None else frechet_distance(x, ref)
@@ -796,7 +807,7 @@ def race_one_seed(args, ks, seed: int):
                                      ratio=None if fd is None else fd / floor, error=error))
                     if nfe is not None and nfe > budget and family != "converged ODE":
                         print(f"# WARNING: {label} made {nfe} NFE > {budget}", flush=True)
-                for label, name, kw in race_our_cases(budget, fitted):
+                for label, name, kw in race_our_cases(budget, fitted, jump):
                     if only and not re.search(only, label):
                         continue
                     counting = CountingScore(score_fn)

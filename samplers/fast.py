@@ -51,11 +51,12 @@ DPM_ALGORITHMS = ("dpmsolver++", "dpmsolver")
 #: this (the official DPM-Solver / diffusers threshold; ``lower_order_final=True``) ...
 LOWER_ORDER_FINAL_BELOW = 15
 #: ... and, by default (``lower_order_final=None``), of at least this many: with 4 steps or
-#: fewer the warm-up and the lowered end would leave half the steps first order. Measured (bench/README.md, "Few-step race, round two"):
-#: at 4 steps (5 NFE) lowering cost DPM-Solver++(2M) and UniPC on the trained digits models
-#: (FID 94 -> 62 and 77 -> 45 on VP without it) and in the worst case on exact scores (FD /
-#: floor 78 -> 20 on the tuning set); at 5-7 steps it helped (worst case 11 / 7.6 / 3.3 against
-#: 14 / 9.4 / 5.0 without).
+#: fewer the warm-up and the lowered end would leave half the steps first order. Measured
+#: (bench/README.md, "Few-step race, round two"): at 4 steps (5 NFE) lowering cost
+#: DPM-Solver++(2M) and UniPC on the trained digits models (FID 100 -> 69 and 82 -> 51 on VP
+#: without it, 3 seeds) and in the worst case on exact scores (FD / floor 78 -> 20 on the
+#: tuning set); at 5-7 steps it helped (worst case 11 / 7.6 / 3.3 against 14 / 9.4 / 5.0
+#: without).
 LOWER_ORDER_FINAL_FROM = 5
 
 

@@ -28,22 +28,24 @@ sigma_min = 0.02 by default, or eps with sigma_min=None); NFE = num_steps (+ 1 f
 Tweedie step at t_end with ``denoise``, k-diffusion's step to sigma = 0).
 
 Defaults (chosen by measurement, bench/README.md "Few-step race, round two"): order 3, and
-``spacing=None`` takes ``default_spacing(sde)``: Karras (rho = 7) steps on a VE SDE, log-SNR
-steps otherwise. The first step is Euler; on a VP-type SDE sigma(T) ~ 150 is far above the
-data's scale, so a log-SNR first step (152 -> 17 at 4 steps) changes little and is nearly
-exact, while on a VE SDE sigma_max is about the data's diameter (Song & Ermon 2020,
-technique 1) and the log-SNR first step (20 -> 3.6) is where Euler errs most; Karras's
-(20 -> 6.1) is shorter. On the tuning distributions (bench/endpoints.py, exact scores, mean
-FD / floor over 8 seeds) at 5 NFE Karras steps took order 3's VE results from 1.25 / 3.33 /
-6.16 / 4.94 to 1.02 / 2.05 / 2.58 / 4.25 (64-D Gaussian / eight-mode ring / thin ring /
-two-scale mixture), while on VP they would take log-SNR's 2.75 / 4.83 (ring / thin ring) to
-106 / 125. Order 3 against 4 on the default grids: see bench/README.md.
+``spacing=None`` takes ``default_spacing(sde)``: Karras (rho = 7) steps on an SDE that keeps
+the data's scale (VE), log-SNR steps otherwise. The first step is Euler; on a VP-type SDE
+sigma(T) ~ 150 is far above the data's scale, so a log-SNR first step (152 -> 17 at 4 steps)
+changes little and is nearly exact, while on a VE SDE sigma_max is about the data's diameter
+(Song & Ermon 2020, technique 1) and the log-SNR first step (20 -> 3.6) is where Euler errs
+most; Karras's (20 -> 6.1) is shorter. On the tuning distributions (bench/endpoints.py,
+exact scores, mean FD / floor over 8 seeds) at 5 NFE Karras steps took order 3's VE results
+from 1.25 / 3.33 / 6.16 / 4.94 to 1.02 / 2.05 / 2.58 / 4.25 (64-D Gaussian / eight-mode ring
+/ thin ring / two-scale mixture), while on VP they would take log-SNR's 2.75 / 4.83 (ring /
+thin ring) to 106 / 125. On the trained VE digits model at 5 NFE iPNDM is nevertheless the
+worst few-step sampler on either grid (FID 41 against 20 for UniPC); order 3 against 4 on
+the default grids: see bench/README.md.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from sde_lib import SDE, VESDE, check_int
+from sde_lib import SDE, check_int
 
 from .fast import SIGMA_MIN, Output, check_grid_options, combine, final_denoise, timesteps
 from .harness import Harness, SampleResult
@@ -60,9 +62,10 @@ ADAMS_BASHFORTH = {
 
 
 def default_spacing(sde: SDE) -> str:
-    """iPNDM's step spacing when none is given: "karras" on a VE SDE, "logsnr" otherwise
+    """iPNDM's step spacing when none is given: "karras" on an SDE that keeps the data's scale
+    (alpha = 1, VE: its prior std sigma_max is about the data's diameter), "logsnr" otherwise
     (the module docstring says why)."""
-    return "karras" if isinstance(sde, VESDE) else "logsnr"
+    return "karras" if sde.keeps_data_scale else "logsnr"
 
 
 def check_ipndm_options(sde: SDE, *, num_steps=20, order=3, spacing=None, eps=1e-3,
@@ -94,11 +97,11 @@ def ipndm_sample(score_fn: Callable, sde: SDE, shape, *, num_steps: int = 20, or
 
     Returns: SampleResult(x (B, ...), nfe), nfe = num_steps (+ 1 if denoise).
     """
+    spacing = default_spacing(sde) if spacing is None else spacing
     check_ipndm_options(sde, num_steps=num_steps, order=order, spacing=spacing, eps=eps,
                         sigma_min=sigma_min, schedule=schedule, denoise=denoise)
     with Harness(score_fn, sde, shape, name=f"ipndm (order {order})", total=num_steps,
                  **harness_options) as run:
-        spacing = default_spacing(sde) if spacing is None else spacing
         times, points = run.points(timesteps(sde, num_steps, spacing=spacing, eps=eps,
                                              sigma_min=sigma_min, schedule=schedule))
         steps = []
